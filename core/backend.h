@@ -1,0 +1,225 @@
+// The backend interface: memory and every op the model and the experts need.
+//
+// model/ and experts/ call ops only through this interface, so a CUDA backend can be added
+// without touching them. The CPU backend (core/cpu/) is the ground truth every other backend
+// is tested against. All pointers are backend memory; `_host` marks a pointer to host memory.
+//
+// Conventions (llm.c): arguments go outputs, saved stats, inputs, weights, dims. Forward writes
+// its outputs; backward ACCUMULATES (+=) into every gradient it produces, so callers zero the
+// gradient buffers once per step. Rows are tokens; matrices are row-major; weights are
+// [out, in] like torch.nn.Linear.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace moe {
+
+enum class DropPolicy { kPosition, kProbs };
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  // ---- memory --------------------------------------------------------------------------
+  virtual void* alloc_bytes(size_t bytes) = 0;  // zero-filled, 64-byte aligned
+  virtual void free_bytes(void* ptr) = 0;
+  virtual void copy_to_host(void* dst_host, const void* src, size_t bytes) = 0;
+  virtual void copy_from_host(void* dst, const void* src_host, size_t bytes) = 0;
+  virtual void copy(void* dst, const void* src, size_t bytes) = 0;
+  virtual void fill_zero(void* ptr, size_t bytes) = 0;
+  virtual void synchronize() = 0;
+
+  // ---- elementwise ---------------------------------------------------------------------
+  // out = a + b  (n)
+  virtual void add(float* out, const float* a, const float* b, size_t n) = 0;
+  // dst += src  (n)
+  virtual void accumulate(float* dst, const float* src, size_t n) = 0;
+  // x *= s  (n)
+  virtual void scale(float* x, float s, size_t n) = 0;
+  // sum of x^2 in double precision  (n)
+  virtual double sum_squares(const float* x, size_t n) = 0;
+  // true when every element is finite
+  virtual bool all_finite(const float* x, size_t n) = 0;
+  // out = a * b elementwise  (n)
+  virtual void mul(float* out, const float* a, const float* b, size_t n) = 0;
+
+  // ---- embedding: out[b,t] = wte[idx[b,t]] + wpe[t] ------------------------------------
+  virtual void embedding_forward(float* out,        // (B,T,C)
+                                 const int* idx,    // (B,T)
+                                 const float* wte,  // (V,C)
+                                 const float* wpe,  // (Tmax,C)
+                                 int B, int T, int C) = 0;
+  virtual void embedding_backward(float* dwte,         // (V,C)   +=
+                                  float* dwpe,         // (Tmax,C) +=
+                                  const float* dout,   // (B,T,C)
+                                  const int* idx,      // (B,T)
+                                  int B, int T, int C) = 0;
+
+  // ---- layernorm over the last dim, eps 1e-5 --------------------------------------------
+  virtual void layernorm_forward(float* out,          // (N,C)
+                                 float* mean,         // (N)
+                                 float* rstd,         // (N)
+                                 const float* inp,    // (N,C)
+                                 const float* weight, // (C)
+                                 const float* bias,   // (C)
+                                 int N, int C) = 0;
+  virtual void layernorm_backward(float* dinp,         // (N,C) +=
+                                  float* dweight,      // (C)   +=
+                                  float* dbias,        // (C)   +=
+                                  const float* dout,   // (N,C)
+                                  const float* inp,    // (N,C)
+                                  const float* weight, // (C)
+                                  const float* mean,   // (N)
+                                  const float* rstd,   // (N)
+                                  int N, int C) = 0;
+
+  // ---- linear: out = inp @ weight^T + bias ---------------------------------------------
+  virtual void linear_forward(float* out,          // (N,OC)
+                              const float* inp,    // (N,IC)
+                              const float* weight, // (OC,IC)
+                              const float* bias,   // (OC) or nullptr
+                              int N, int IC, int OC) = 0;
+  // dinp, dbias may be nullptr (not wanted).
+  virtual void linear_backward(float* dinp,          // (N,IC)  +=
+                               float* dweight,       // (OC,IC) +=
+                               float* dbias,         // (OC)    +=
+                               const float* dout,    // (N,OC)
+                               const float* inp,     // (N,IC)
+                               const float* weight,  // (OC,IC)
+                               int N, int IC, int OC) = 0;
+
+  // ---- grouped linear over experts: rows [offsets[e], offsets[e+1]) use expert e ----------
+  virtual void grouped_linear_forward(float* out,          // (rows,OC)
+                                      const float* inp,    // (rows,IC)
+                                      const float* weight, // (E,OC,IC)
+                                      const float* bias,   // (E,OC)
+                                      const int* offsets_host,  // (E+1)
+                                      int E, int IC, int OC) = 0;
+  virtual void grouped_linear_backward(float* dinp,          // (rows,IC) +=
+                                       float* dweight,       // (E,OC,IC) +=
+                                       float* dbias,         // (E,OC)    +=
+                                       const float* dout,    // (rows,OC)
+                                       const float* inp,     // (rows,IC)
+                                       const float* weight,  // (E,OC,IC)
+                                       const int* offsets_host,  // (E+1)
+                                       int E, int IC, int OC) = 0;
+
+  // ---- GELU, tanh form -----------------------------------------------------------------
+  virtual void gelu_forward(float* out, const float* inp, size_t n) = 0;
+  virtual void gelu_backward(float* dinp,        // (n) +=
+                             const float* inp,   // (n)
+                             const float* dout,  // (n)
+                             size_t n) = 0;
+
+  // ---- causal self-attention ------------------------------------------------------------
+  // qkv rows hold q | k | v, each C wide; head h is columns h*hd..(h+1)*hd of each.
+  virtual void attention_forward(float* out,        // (B,T,C)
+                                 float* att,        // (B,NH,T,T) softmax probabilities, saved
+                                 const float* qkv,  // (B,T,3C)
+                                 int B, int T, int C, int NH) = 0;
+  virtual void attention_backward(float* dqkv,        // (B,T,3C) +=
+                                  float* scratch,     // (B,NH,T,T) workspace
+                                  const float* dout,  // (B,T,C)
+                                  const float* qkv,   // (B,T,3C)
+                                  const float* att,   // (B,NH,T,T)
+                                  int B, int T, int C, int NH) = 0;
+
+  // ---- softmax cross-entropy ------------------------------------------------------------
+  // losses[i] = logsumexp(logits[i]) - logits[i, targets[i]]; probs = softmax(logits).
+  virtual void crossentropy_forward(float* losses,        // (N)
+                                    float* probs,         // (N,V) may alias logits
+                                    const float* logits,  // (N,V)
+                                    const int* targets,   // (N)
+                                    int N, int V) = 0;
+  // dlogits = (probs - onehot(target)) * dloss (written, not accumulated; may alias probs).
+  virtual void crossentropy_backward(float* dlogits,       // (N,V)
+                                     const float* probs,   // (N,V)
+                                     const int* targets,   // (N)
+                                     float dloss, int N, int V) = 0;
+
+  // ---- router ---------------------------------------------------------------------------
+  // probs = softmax(logits), lse = logsumexp(logits), per row.
+  virtual void softmax_forward(float* probs,         // (N,E)
+                               float* lse,           // (N)
+                               const float* logits,  // (N,E)
+                               int N, int E) = 0;
+  // dlogits += softmax jacobian applied to dprobs.
+  virtual void softmax_backward(float* dlogits,       // (N,E) +=
+                                const float* dprobs,  // (N,E)
+                                const float* probs,   // (N,E)
+                                int N, int E) = 0;
+  // The K largest probabilities per token (ties: lower expert id first), in decreasing order.
+  // K == 1: gate = p; K > 1: gates renormalised to sum to 1 over the K chosen.
+  virtual void topk_forward(int* expert_idx,      // (N,K)
+                            float* gates,         // (N,K)
+                            const float* probs,   // (N,E)
+                            int N, int E, int K) = 0;
+  virtual void topk_backward(float* dprobs,          // (N,E) +=
+                             const float* dgates,    // (N,K)
+                             const int* expert_idx,  // (N,K)
+                             const float* probs,     // (N,E)
+                             int N, int E, int K) = 0;
+  // Capacity (DESIGN.md, Router): decides which choices are kept. A kept choice (t,k) gets
+  // slot[t,k] = its position within its expert (0..counts[e]-1), a dropped one -1.
+  // capacity < 0 means dropless. Host-side arrays: the counts size the expert GEMMs.
+  virtual void capacity_assign(int* slot_host,              // (N,K)
+                               int* counts_host,            // (E) kept choices per expert
+                               int* choices_host,           // (E) choices per expert before capacity
+                               const int* expert_idx,       // (N,K)
+                               const float* gates,          // (N,K)
+                               int N, int E, int K, int capacity, DropPolicy policy) = 0;
+
+  // sums_host[e] = sum over rows of x[n,e], in double.
+  virtual void column_sums(double* sums_host, const float* x, int N, int E) = 0;
+  // x[n,:] += v_host for every row (the load-balancing gradient is the same for every token).
+  virtual void add_row_vector(float* x,              // (N,E) +=
+                              const float* v_host,   // (E)
+                              int N, int E) = 0;
+  // z-loss gradient: dlogits[n,e] += scale * 2 * lse[n] * probs[n,e]
+  virtual void zloss_backward(float* dlogits,       // (N,E) +=
+                              const float* probs,   // (N,E)
+                              const float* lse,     // (N)
+                              float scale, int N, int E) = 0;
+
+  // ---- token permutation ----------------------------------------------------------------
+  // out[r] = inp[row_idx[r]]   (row_idx on host)
+  virtual void gather_rows(float* out,              // (rows,D)
+                           const float* inp,        // (N,D)
+                           const int* row_idx_host, // (rows)
+                           int rows, int D) = 0;
+  // dinp[row_idx[r]] += dout[r]
+  virtual void scatter_add_rows(float* dinp,             // (N,D) +=
+                                const float* dout,       // (rows,D)
+                                const int* row_idx_host, // (rows)
+                                int rows, int D) = 0;
+  // out[t] = sum_k gates[t,k] * y[row[t,k]] over k with row[t,k] >= 0; no kept choice -> 0.
+  virtual void combine_forward(float* out,              // (N,D)
+                               const float* y,          // (rows,D)
+                               const float* gates,      // (N,K)
+                               const int* row_host,     // (N,K)
+                               int N, int K, int D) = 0;
+  // dy[row] += gates * dout[t];  dgates[t,k] += dot(dout[t], y[row]).
+  virtual void combine_backward(float* dy,               // (rows,D) +=
+                                float* dgates,           // (N,K)    +=
+                                const float* dout,       // (N,D)
+                                const float* y,          // (rows,D)
+                                const float* gates,      // (N,K)
+                                const int* row_host,     // (N,K)
+                                int N, int K, int D) = 0;
+
+  // ---- optimizer ------------------------------------------------------------------------
+  // torch.optim.AdamW: p *= 1 - lr*wd; m,v moments; p -= lr * mhat / (sqrt(vhat) + eps).
+  // step is 1-based (bias correction).
+  virtual void adamw_update(float* params, const float* grads, float* m, float* v, size_t n,
+                            float lr, float beta1, float beta2, float eps, float weight_decay,
+                            int step) = 0;
+};
+
+// The CPU backend: fp32, oneDNN GEMMs, OpenMP elementwise work.
+std::unique_ptr<Backend> make_cpu_backend();
+
+}  // namespace moe

@@ -1,0 +1,55 @@
+// The CPU backend: fp32, GEMMs through oneDNN, elementwise work parallel with OpenMP.
+// Each op family lives in its own file under core/cpu/ (one op per file); shapes are documented
+// on the interface in core/backend.h.
+#pragma once
+
+#include "core/backend.h"
+
+namespace moe {
+
+class CpuBackend final : public Backend {
+ public:
+  std::string name() const override;
+  void* alloc_bytes(size_t bytes) override;
+  void free_bytes(void* ptr) override;
+  void copy_to_host(void* dst_host, const void* src, size_t bytes) override;
+  void copy_from_host(void* dst, const void* src_host, size_t bytes) override;
+  void copy(void* dst, const void* src, size_t bytes) override;
+  void fill_zero(void* ptr, size_t bytes) override;
+  void synchronize() override;
+  void add(float* out, const float* a, const float* b, size_t n) override;
+  void accumulate(float* dst, const float* src, size_t n) override;
+  void scale(float* x, float s, size_t n) override;
+  double sum_squares(const float* x, size_t n) override;
+  bool all_finite(const float* x, size_t n) override;
+  void mul(float* out, const float* a, const float* b, size_t n) override;
+  void embedding_forward(float* out, const int* idx, const float* wte, const float* wpe, int B, int T, int C) override;
+  void embedding_backward(float* dwte, float* dwpe, const float* dout, const int* idx, int B, int T, int C) override;
+  void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight, const float* bias, int N, int C) override;
+  void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, const float* mean, const float* rstd, int N, int C) override;
+  void linear_forward(float* out, const float* inp, const float* weight, const float* bias, int N, int IC, int OC) override;
+  void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, int N, int IC, int OC) override;
+  void grouped_linear_forward(float* out, const float* inp, const float* weight, const float* bias, const int* offsets_host, int E, int IC, int OC) override;
+  void grouped_linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, const int* offsets_host, int E, int IC, int OC) override;
+  void gelu_forward(float* out, const float* inp, size_t n) override;
+  void gelu_backward(float* dinp, const float* inp, const float* dout, size_t n) override;
+  void attention_forward(float* out, float* att, const float* qkv, int B, int T, int C, int NH) override;
+  void attention_backward(float* dqkv, float* scratch, const float* dout, const float* qkv, const float* att, int B, int T, int C, int NH) override;
+  void crossentropy_forward(float* losses, float* probs, const float* logits, const int* targets, int N, int V) override;
+  void crossentropy_backward(float* dlogits, const float* probs, const int* targets, float dloss, int N, int V) override;
+  void softmax_forward(float* probs, float* lse, const float* logits, int N, int E) override;
+  void softmax_backward(float* dlogits, const float* dprobs, const float* probs, int N, int E) override;
+  void topk_forward(int* expert_idx, float* gates, const float* probs, int N, int E, int K) override;
+  void topk_backward(float* dprobs, const float* dgates, const int* expert_idx, const float* probs, int N, int E, int K) override;
+  void capacity_assign(int* slot_host, int* counts_host, int* choices_host, const int* expert_idx, const float* gates, int N, int E, int K, int capacity, DropPolicy policy) override;
+  void column_sums(double* sums_host, const float* x, int N, int E) override;
+  void add_row_vector(float* x, const float* v_host, int N, int E) override;
+  void zloss_backward(float* dlogits, const float* probs, const float* lse, float scale, int N, int E) override;
+  void gather_rows(float* out, const float* inp, const int* row_idx_host, int rows, int D) override;
+  void scatter_add_rows(float* dinp, const float* dout, const int* row_idx_host, int rows, int D) override;
+  void combine_forward(float* out, const float* y, const float* gates, const int* row_host, int N, int K, int D) override;
+  void combine_backward(float* dy, float* dgates, const float* dout, const float* y, const float* gates, const int* row_host, int N, int K, int D) override;
+  void adamw_update(float* params, const float* grads, float* m, float* v, size_t n, float lr, float beta1, float beta2, float eps, float weight_decay, int step) override;
+};
+
+}  // namespace moe
