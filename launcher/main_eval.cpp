@@ -1,1 +1,14 @@
-int main() { return 0; }
+// moe-eval: mean cross-entropy per target token of a model over every window of a file; the
+// last line on stdout is one JSON object with at least `loss` and `tokens`.
+#include "dist/mpi_runtime.h"
+#include "launcher/run_main.h"
+#include "launcher/trainer.h"
+
+int main(int argc, char** argv) {
+  moe::MpiRuntime mpi(&argc, &argv);
+  return moe::run_main("moe-eval", mpi, [&] {
+    auto options = moe::parse_eval_options(argc, argv);
+    if (!options) return 0;
+    return moe::run_evaluation(*options);
+  });
+}

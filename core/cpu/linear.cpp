@@ -1,0 +1,78 @@
+// Linear layer: out = inp @ weight^T + bias, weights [out, in] like torch.nn.Linear.
+// Every product goes through oneDNN's sgemm (row-major, C = alpha*op(A)*op(B) + beta*C),
+// which threads itself over the caller's OpenMP threads.
+#include <oneapi/dnnl/dnnl.h>
+
+#include <algorithm>
+#include <string>
+
+#include "core/cpu/cpu_backend.h"
+#include "core/error.h"
+
+namespace moe {
+
+namespace {
+
+// dbias sums dout over rows; the columns are split into blocks of this many (two cache lines)
+// so each thread owns its sums, which run in row order: the same for any thread count.
+constexpr int kColumnBlock = 32;
+
+void sgemm(char transa, char transb, int M, int N, int K, float alpha, const float* A, int lda,
+           const float* B, int ldb, float beta, float* C, int ldc) {
+  dnnl_status_t status = dnnl_sgemm(transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  MOE_CHECK(status == dnnl_success,
+            "dnnl_sgemm failed with status " + std::to_string(static_cast<int>(status)) +
+                " (M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" +
+                std::to_string(K) + ")");
+}
+
+}  // namespace
+
+void CpuBackend::linear_forward(float* out,           // (N,OC)
+                                const float* inp,     // (N,IC)
+                                const float* weight,  // (OC,IC)
+                                const float* bias,    // (OC) or nullptr
+                                int N, int IC, int OC) {
+  if (N == 0 || OC == 0) return;
+  // With a bias, write it into every row of out first and let the GEMM add onto it (beta 1):
+  // the bias then costs one streaming write, not a second read-modify-write pass after.
+  float beta = 0.0f;
+  if (bias != nullptr) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+      float* out_n = out + static_cast<size_t>(n) * OC;  // (OC)
+      std::copy(bias, bias + OC, out_n);
+    }
+    beta = 1.0f;
+  }
+  // out (N,OC) = inp (N,IC) @ weight^T (IC,OC)
+  sgemm('N', 'T', N, OC, IC, 1.0f, inp, IC, weight, IC, beta, out, OC);
+}
+
+void CpuBackend::linear_backward(float* dinp,          // (N,IC)  += or nullptr
+                                 float* dweight,       // (OC,IC) +=
+                                 float* dbias,         // (OC)    += or nullptr
+                                 const float* dout,    // (N,OC)
+                                 const float* inp,     // (N,IC)
+                                 const float* weight,  // (OC,IC)
+                                 int N, int IC, int OC) {
+  if (N == 0 || OC == 0 || IC == 0) return;
+  // dinp (N,IC) += dout (N,OC) @ weight (OC,IC)
+  if (dinp != nullptr) sgemm('N', 'N', N, IC, OC, 1.0f, dout, OC, weight, IC, 1.0f, dinp, IC);
+  // dweight (OC,IC) += dout^T (OC,N) @ inp (N,IC)
+  sgemm('T', 'N', OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC);
+  if (dbias == nullptr) return;
+#pragma omp parallel for schedule(static)
+  for (int o0 = 0; o0 < OC; o0 += kColumnBlock) {
+    int width = std::min(OC - o0, kColumnBlock);
+    double sums[kColumnBlock] = {};  // (width) this block's column sums
+    for (int n = 0; n < N; n++) {
+      const float* dout_n = dout + static_cast<size_t>(n) * OC + o0;  // (width)
+#pragma omp simd
+      for (int o = 0; o < width; o++) sums[o] += dout_n[o];
+    }
+    for (int o = 0; o < width; o++) dbias[o0 + o] += static_cast<float>(sums[o]);
+  }
+}
+
+}  // namespace moe

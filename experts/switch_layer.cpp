@@ -1,0 +1,208 @@
+#include "experts/switch_layer.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+#include "core/random.h"
+#include "experts/capacity.h"
+
+namespace moe {
+
+double RouterStats::load_balancing_loss(int top_k) const {
+  if (tokens <= 0) return 0.0;
+  const double num_experts = static_cast<double>(prob_sums.size());
+  double sum = 0.0;
+  for (size_t i = 0; i < prob_sums.size(); ++i)
+    sum += (prob_sums[i] / tokens) * (choices[i] / tokens);
+  return num_experts / top_k * sum;
+}
+
+double RouterStats::z_loss() const { return tokens > 0 ? lse_squared_sum / tokens : 0.0; }
+
+double RouterStats::dropped_fraction() const {
+  double total = 0.0, kept_total = 0.0;
+  for (size_t i = 0; i < choices.size(); ++i) {
+    total += choices[i];
+    kept_total += kept[i];
+  }
+  return total > 0 ? 1.0 - kept_total / total : 0.0;
+}
+
+SwitchLayer::SwitchLayer(Backend& backend, const SwitchShape& shape)
+    : backend_(backend), shape_(shape) {
+  const size_t T = shape.max_tokens, D = shape.hidden, F = shape.ffn, E = shape.num_experts,
+               K = shape.top_k, R = T * K;
+  noise_TD_ = Buffer<float>(backend, T * D);
+  x_router_TD_ = Buffer<float>(backend, T * D);
+  logits_TE_ = Buffer<float>(backend, T * E);
+  probs_TE_ = Buffer<float>(backend, T * E);
+  lse_T_ = Buffer<float>(backend, T);
+  expert_idx_TK_ = Buffer<int>(backend, T * K);
+  gates_TK_ = Buffer<float>(backend, T * K);
+  x_RD_ = Buffer<float>(backend, R * D);
+  h_RF_ = Buffer<float>(backend, R * F);
+  a_RF_ = Buffer<float>(backend, R * F);
+  y_RD_ = Buffer<float>(backend, R * D);
+  dy_RD_ = Buffer<float>(backend, R * D);
+  da_RF_ = Buffer<float>(backend, R * F);
+  dh_RF_ = Buffer<float>(backend, R * F);
+  dx_RD_ = Buffer<float>(backend, R * D);
+  dgates_TK_ = Buffer<float>(backend, T * K);
+  dprobs_TE_ = Buffer<float>(backend, T * E);
+  dlogits_TE_ = Buffer<float>(backend, T * E);
+  dx_router_TD_ = Buffer<float>(backend, T * D);
+  expert_idx_host_.resize(T * K);
+  slot_TK_.resize(T * K);
+  row_TK_.resize(T * K);
+  token_of_row_.resize(R);
+  counts_E_.resize(E);
+  choices_E_.resize(E);
+  offsets_E_.resize(E + 1);
+}
+
+// Router: logits = x_router @ W_r^T in fp32, softmax, top-k, capacity.
+void SwitchLayer::route(const float* x, const SwitchWeights& w, const RoutingOptions& options) {
+  const int T = num_tokens_, D = shape_.hidden, E = shape_.num_experts, K = shape_.top_k;
+  const float* router_input = x;
+  jitter_ = options.jitter_eps > 0.0;
+  if (jitter_) {
+    // The jitter multiplies the router's input alone; the experts see the clean x. Each
+    // multiplier is a pure function of (seed, iteration, layer, global token, channel).
+    std::vector<float> noise(static_cast<size_t>(T) * D);
+    const uint64_t key = random_key({options.seed, hash_string("jitter"),
+                                     static_cast<uint64_t>(options.iteration),
+                                     static_cast<uint64_t>(shape_.layer)});
+    const double lo = 1.0 - options.jitter_eps, width = 2.0 * options.jitter_eps;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; ++t) {
+      const uint64_t token_key = random_key({key, static_cast<uint64_t>(options.first_token + t)});
+      for (int d = 0; d < D; ++d)
+        noise[static_cast<size_t>(t) * D + d] =
+            static_cast<float>(lo + width * uniform_double(random_key({token_key,
+                                                                       static_cast<uint64_t>(d)})));
+    }
+    backend_.copy_from_host(noise_TD_.data(), noise.data(), noise.size() * sizeof(float));
+    backend_.mul(x_router_TD_.data(), x, noise_TD_.data(), static_cast<size_t>(T) * D);
+    router_input = x_router_TD_.data();
+  }
+  backend_.linear_forward(logits_TE_.data(), router_input, w.router, nullptr, T, D, E);
+  backend_.softmax_forward(probs_TE_.data(), lse_T_.data(), logits_TE_.data(), T, E);
+  backend_.topk_forward(expert_idx_TK_.data(), gates_TK_.data(), probs_TE_.data(), T, E, K);
+  const int capacity = expert_capacity(options.capacity_factor, T, K, E);
+  backend_.capacity_assign(slot_TK_.data(), counts_E_.data(), choices_E_.data(),
+                           expert_idx_TK_.data(), gates_TK_.data(), T, E, K, capacity,
+                           options.drop_policy);
+}
+
+// Lays the kept choices out in expert order: expert e owns rows [offsets[e], offsets[e+1]).
+void SwitchLayer::permute(const RoutingOptions&) {
+  const int T = num_tokens_, E = shape_.num_experts, K = shape_.top_k;
+  offsets_E_[0] = 0;
+  for (int e = 0; e < E; ++e) offsets_E_[e + 1] = offsets_E_[e] + counts_E_[e];
+  num_rows_ = offsets_E_[E];
+  backend_.copy_to_host(expert_idx_host_.data(), expert_idx_TK_.data(),
+                        static_cast<size_t>(T) * K * sizeof(int));
+  for (int t = 0; t < T; ++t) {
+    for (int k = 0; k < K; ++k) {
+      const int choice = t * K + k;
+      const int slot = slot_TK_[choice];
+      if (slot < 0) {
+        row_TK_[choice] = -1;
+        continue;
+      }
+      const int row = offsets_E_[expert_idx_host_[choice]] + slot;
+      row_TK_[choice] = row;
+      token_of_row_[row] = t;
+    }
+  }
+}
+
+void SwitchLayer::forward(float* out, const float* x, const SwitchWeights& w, int num_tokens,
+                          const RoutingOptions& options, Communicator& stats_group) {
+  MOE_CHECK(num_tokens <= shape_.max_tokens, "routing group larger than the layer was sized for");
+  num_tokens_ = num_tokens;
+  const int T = num_tokens, D = shape_.hidden, F = shape_.ffn, E = shape_.num_experts,
+            K = shape_.top_k;
+  route(x, w, options);
+  permute(options);
+
+  // Expert FFN on the kept rows: one grouped GEMM pass per projection over all experts.
+  const int R = num_rows_;
+  backend_.gather_rows(x_RD_.data(), x, token_of_row_.data(), R, D);
+  backend_.grouped_linear_forward(h_RF_.data(), x_RD_.data(), w.fc_w, w.fc_b, offsets_E_.data(),
+                                  E, D, F);
+  backend_.gelu_forward(a_RF_.data(), h_RF_.data(), static_cast<size_t>(R) * F);
+  backend_.grouped_linear_forward(y_RD_.data(), a_RF_.data(), w.proj_w, w.proj_b,
+                                  offsets_E_.data(), E, F, D);
+  backend_.combine_forward(out, y_RD_.data(), gates_TK_.data(), row_TK_.data(), T, K, D);
+
+  // Statistics for the auxiliary losses, summed over every rank of the micro-step, packed in
+  // one buffer so that it is one all-reduce: [prob_sums(E), choices(E), kept(E), S, sum lse^2].
+  std::vector<double> packed(3 * E + 2);
+  backend_.column_sums(packed.data(), probs_TE_.data(), T, E);
+  for (int e = 0; e < E; ++e) {
+    packed[E + e] = choices_E_[e];
+    packed[2 * E + e] = counts_E_[e];
+  }
+  packed[3 * E] = T;
+  packed[3 * E + 1] = backend_.sum_squares(lse_T_.data(), T);
+  stats_group.allreduce_sum(packed.data(), packed.size());
+  stats_.prob_sums.assign(packed.begin(), packed.begin() + E);
+  stats_.choices.assign(packed.begin() + E, packed.begin() + 2 * E);
+  stats_.kept.assign(packed.begin() + 2 * E, packed.begin() + 3 * E);
+  stats_.tokens = packed[3 * E];
+  stats_.lse_squared_sum = packed[3 * E + 1];
+}
+
+void SwitchLayer::backward(float* dx, const SwitchGrads& g, const float* dout, const float* x,
+                           const SwitchWeights& w, float aux_scale, float z_scale) {
+  const int T = num_tokens_, D = shape_.hidden, F = shape_.ffn, E = shape_.num_experts,
+            K = shape_.top_k, R = num_rows_;
+  // combine -> expert FFN -> gather, in reverse.
+  dy_RD_.zero();
+  dgates_TK_.zero();
+  backend_.combine_backward(dy_RD_.data(), dgates_TK_.data(), dout, y_RD_.data(),
+                            gates_TK_.data(), row_TK_.data(), T, K, D);
+  da_RF_.zero();
+  backend_.grouped_linear_backward(da_RF_.data(), g.proj_w, g.proj_b, dy_RD_.data(),
+                                   a_RF_.data(), w.proj_w, offsets_E_.data(), E, F, D);
+  dh_RF_.zero();
+  backend_.gelu_backward(dh_RF_.data(), h_RF_.data(), da_RF_.data(), static_cast<size_t>(R) * F);
+  dx_RD_.zero();
+  backend_.grouped_linear_backward(dx_RD_.data(), g.fc_w, g.fc_b, dh_RF_.data(), x_RD_.data(),
+                                   w.fc_w, offsets_E_.data(), E, D, F);
+  backend_.scatter_add_rows(dx, dx_RD_.data(), token_of_row_.data(), R, D);
+
+  // Router: gates -> probs, plus the load-balancing loss, which reaches the router through
+  // P_i = mean_t p_ti only: d lb / d p_ti = (E/k) f_i / S. S is this rank's token count: the
+  // data-parallel average of the gradients supplies the 1/dp of the global mean.
+  dprobs_TE_.zero();
+  backend_.topk_backward(dprobs_TE_.data(), dgates_TK_.data(), expert_idx_TK_.data(),
+                         probs_TE_.data(), T, E, K);
+  std::vector<float> dlb_dp(E);
+  for (int e = 0; e < E; ++e)
+    dlb_dp[e] = static_cast<float>(aux_scale * (static_cast<double>(E) / K) *
+                                   (stats_.choices[e] / stats_.tokens) / T);
+  backend_.add_row_vector(dprobs_TE_.data(), dlb_dp.data(), T, E);
+  dlogits_TE_.zero();
+  backend_.softmax_backward(dlogits_TE_.data(), dprobs_TE_.data(), probs_TE_.data(), T, E);
+  // z-loss = mean_t lse_t^2: d/dlogits = 2 lse p / S.
+  backend_.zloss_backward(dlogits_TE_.data(), probs_TE_.data(), lse_T_.data(),
+                          z_scale / static_cast<float>(T), T, E);
+
+  // logits = x_router @ W_r^T, and x_router = x * noise when jittered.
+  const float* router_input = jitter_ ? x_router_TD_.data() : x;
+  if (!jitter_) {
+    backend_.linear_backward(dx, g.router, nullptr, dlogits_TE_.data(), router_input, w.router,
+                             T, D, E);
+    return;
+  }
+  dx_router_TD_.zero();
+  backend_.linear_backward(dx_router_TD_.data(), g.router, nullptr, dlogits_TE_.data(),
+                           router_input, w.router, T, D, E);
+  backend_.mul(dx_router_TD_.data(), dx_router_TD_.data(), noise_TD_.data(),
+               static_cast<size_t>(T) * D);
+  backend_.accumulate(dx, dx_router_TD_.data(), static_cast<size_t>(T) * D);
+}
+
+}  // namespace moe

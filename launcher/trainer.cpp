@@ -1,0 +1,351 @@
+#include "launcher/trainer.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "model/weights_io.h"
+
+namespace moe {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+std::unique_ptr<Backend> make_backend(const std::string& device) {
+  if (device == "cpu") return make_cpu_backend();
+  throw RuntimeError("--device " + device + ": this build has no CUDA backend");
+}
+
+// The vocabulary: --vocab-size when given, else what the data format implies.
+int resolve_vocab(int requested, const TokenStream& stream) {
+  const int vocab = requested > 0 ? requested : stream.vocab_size;
+  if (stream.max_token >= vocab)
+    throw UsageError("--vocab-size " + std::to_string(vocab) + " is too small for " +
+                     stream.source + ", which holds token " + std::to_string(stream.max_token));
+  return vocab;
+}
+
+}  // namespace
+
+Trainer::Trainer(const TrainOptions& options, Communicator& world)
+    : options_(options), world_(world), is_root_(world.rank() == 0) {
+  if (options_.tensor_parallel != 1 || options_.expert_parallel != 1)
+    throw UsageError("tensor and expert parallelism need the distributed build (--tensor-model-"
+                     "parallel-size and --expert-model-parallel-size must be 1 here)");
+  if (options_.threads > 0) omp_set_num_threads(options_.threads);
+  backend_ = make_backend(options_.device);
+
+  const int dp = world.size();
+  if (options_.global_batch_size == 0) options_.global_batch_size = options_.micro_batch_size * dp;
+  batch_.global_batch_size = options_.global_batch_size;
+  batch_.micro_batch_size = options_.micro_batch_size;
+  batch_.dp_size = dp;
+  batch_.dp_rank = world.rank();
+  batch_.validate();
+
+  TokenStream stream = load_tokens(options_.data_path, options_.data_format);
+  options_.model.vocab_size = resolve_vocab(options_.model.vocab_size, stream);
+  if (!options_.init_from.empty()) {
+    // The file's __metadata__ defines the model's shape; the data must fit it.
+    const ModelConfig stored = read_safetensors_config(options_.init_from);
+    if (stored.max_position_embeddings < options_.seq_length)
+      throw UsageError("--seq-length " + std::to_string(options_.seq_length) + " exceeds the " +
+                       std::to_string(stored.max_position_embeddings) + " positions of " +
+                       options_.init_from);
+    if (stream.max_token >= stored.vocab_size)
+      throw UsageError(options_.data_path + " holds token " + std::to_string(stream.max_token) +
+                       ", outside the vocabulary of " + options_.init_from);
+    options_.model = stored;
+  }
+  options_.model.validate();
+
+  DataLoaderOptions data_options;
+  data_options.seq_length = options_.seq_length;
+  data_options.valid_fraction = options_.valid_fraction;
+  data_options.order = options_.data_order;
+  data_options.seed = options_.seed;
+  data_ = std::make_unique<DataLoader>(std::move(stream), data_options);
+
+  layout_ = std::make_unique<ParamLayout>(options_.model);
+  model_ = std::make_unique<GptModel>(*backend_, options_.model, *layout_,
+                                      options_.micro_batch_size, options_.seq_length);
+  optimizer_ = std::make_unique<AdamW>(*backend_, *layout_, options_.adamw);
+
+  std::vector<float> initial(layout_->total_floats(), 0.0f);
+  if (!options_.init_from.empty())
+    import_safetensors(options_.init_from, *layout_, initial.data());
+  else
+    initialize_parameters(*layout_, options_.seed, options_.init_scale, initial.data());
+  backend_->copy_from_host(model_->params(), initial.data(), initial.size() * sizeof(float));
+
+  inputs_.resize(static_cast<size_t>(options_.micro_batch_size) * options_.seq_length);
+  targets_.resize(inputs_.size());
+  if (is_root_ && !options_.metrics_file.empty()) {
+    metrics_.open(options_.metrics_file, std::ios::trunc);
+    if (!metrics_) throw RuntimeError("--metrics-file: cannot write " + options_.metrics_file);
+  }
+}
+
+Trainer::~Trainer() = default;
+
+std::vector<float> Trainer::host_params() {
+  std::vector<float> values(layout_->total_floats());
+  backend_->copy_to_host(values.data(), model_->params(), values.size() * sizeof(float));
+  return values;
+}
+
+IterationMetrics Trainer::train_iteration(int64_t iteration) {
+  const auto start = Clock::now();
+  const int num_micro = batch_.num_micro_steps();
+  const int T = options_.seq_length, B = options_.micro_batch_size;
+  const int num_switch = options_.model.num_switch_layers(), E = options_.model.num_experts;
+
+  IterationMetrics m;
+  m.iteration = iteration;
+  m.expert_load.assign(num_switch, std::vector<double>(E, 0.0));
+  double kept = 0, choices = 0;
+  const LossScales scales{1.0f / num_micro, static_cast<float>(options_.aux_loss_coeff / num_micro),
+                          static_cast<float>(options_.z_loss_coeff / num_micro)};
+  model_->zero_grads();
+  for (int micro = 0; micro < num_micro; ++micro) {
+    data_->fill_train_batch(inputs_.data(), targets_.data(), iteration, batch_, micro);
+    RoutingOptions routing;
+    routing.capacity_factor = options_.capacity_factor;
+    routing.drop_policy = options_.drop_policy;
+    routing.jitter_eps = options_.jitter_eps;
+    routing.seed = options_.seed;
+    routing.iteration = iteration;
+    // Global index of the first token: the window's place in the iteration's global batch.
+    const int64_t first_window = static_cast<int64_t>(batch_.dp_rank) * batch_.windows_per_rank() +
+                                 static_cast<int64_t>(micro) * B;
+    routing.first_token = first_window * T;
+    const ForwardLosses losses =
+        model_->forward(inputs_.data(), targets_.data(), B, T, routing, world_);
+    model_->backward(scales);
+    m.lm_loss += losses.lm_loss / num_micro;
+    m.load_balancing_loss += losses.load_balancing_loss / num_micro;
+    m.z_loss += losses.z_loss / num_micro;
+    for (int s = 0; s < num_switch; ++s) {
+      const RouterStats& stats = model_->switch_layers()[s].stats();
+      for (int e = 0; e < E; ++e) {
+        m.expert_load[s][e] += stats.choices[e];
+        kept += stats.kept[e];
+        choices += stats.choices[e];
+      }
+    }
+  }
+  // lm_loss is a mean over ranks; the routing statistics were already global.
+  world_.allreduce_sum(&m.lm_loss, 1);
+  m.lm_loss /= world_.size();
+  m.dropped_fraction = choices > 0 ? 1.0 - kept / choices : 0.0;
+
+  // Average the gradients over data-parallel ranks, then one global norm.
+  const size_t n = layout_->total_floats();
+  if (world_.size() > 1) {
+    world_.allreduce_sum(model_->grads(), n);
+    backend_->scale(model_->grads(), 1.0f / world_.size(), n);
+  }
+  m.grad_norm = std::sqrt(backend_->sum_squares(model_->grads(), n));
+  m.lr = options_.schedule.at(iteration);
+  m.skipped = !std::isfinite(m.grad_norm) || !std::isfinite(m.lm_loss);
+  if (!m.skipped) {
+    const double factor = clip_factor(m.grad_norm, options_.clip_grad);
+    if (factor < 1.0) backend_->scale(model_->grads(), static_cast<float>(factor), n);
+    optimizer_->update(model_->params(), model_->grads(), m.lr, ++optimizer_steps_);
+  }
+  backend_->synchronize();
+  const double seconds = seconds_since(start);
+  m.ms_per_iter = seconds * 1e3;
+  m.tokens_per_sec = static_cast<double>(batch_.global_batch_size) * T / seconds;
+  return m;
+}
+
+double Trainer::evaluate() {
+  const int B = options_.micro_batch_size, T = options_.seq_length;
+  RoutingOptions routing;
+  routing.capacity_factor = options_.eval_capacity_factor;
+  routing.drop_policy = options_.drop_policy;
+  // Validation batches are dealt round-robin over ranks; each rank sums its token losses.
+  int64_t batches = data_->num_valid_batches(B);
+  if (options_.eval_iters > 0) batches = std::min(batches, options_.eval_iters);
+  const int64_t my_batches = (batches - world_.rank() + world_.size() - 1) / world_.size();
+  int64_t max_batches = my_batches;
+  {
+    int value = static_cast<int>(my_batches);
+    world_.allreduce_max(&value, 1);
+    max_batches = value;
+  }
+  double sums[2] = {0.0, 0.0};  // loss sum, target tokens
+  auto self = make_self_communicator();
+  for (int64_t i = 0; i < max_batches; ++i) {
+    const int64_t batch = i * world_.size() + world_.rank();
+    if (batch >= batches) continue;
+    const int rows = data_->fill_valid_batch(inputs_.data(), targets_.data(), batch, B);
+    // Evaluation routes each rank's batch on its own: its statistics are not logged.
+    const ForwardLosses losses =
+        model_->forward(inputs_.data(), targets_.data(), rows, T, routing, *self);
+    sums[0] += losses.lm_loss * rows * T;
+    sums[1] += static_cast<double>(rows) * T;
+  }
+  world_.allreduce_sum(sums, 2);
+  return sums[1] > 0 ? sums[0] / sums[1] : 0.0;
+}
+
+void Trainer::log_progress(const IterationMetrics& m) const {
+  // The least and most loaded expert over all Switch layers, relative to a perfect share.
+  double least = 0, most = 0;
+  bool first = true;
+  for (const auto& layer : m.expert_load) {
+    double total = 0;
+    for (double x : layer) total += x;
+    if (total <= 0) continue;
+    const double mean = total / layer.size();
+    for (double x : layer) {
+      least = first ? x / mean : std::min(least, x / mean);
+      most = first ? x / mean : std::max(most, x / mean);
+      first = false;
+    }
+  }
+  std::printf("iter %6lld/%lld | lm %.4f | lb %.4f z %.4f | lr %.3e | gnorm %.3f | %8.0f tok/s | "
+              "%7.1f ms | drop %5.2f%% | load min %.2fx max %.2fx%s\n",
+              static_cast<long long>(m.iteration), static_cast<long long>(options_.train_iters),
+              m.lm_loss, m.load_balancing_loss, m.z_loss, m.lr, m.grad_norm, m.tokens_per_sec,
+              m.ms_per_iter, 100.0 * m.dropped_fraction, least, most,
+              m.skipped ? " | SKIPPED (non-finite)" : "");
+  std::fflush(stdout);
+}
+
+void Trainer::write_metrics(const IterationMetrics& m) {
+  if (!metrics_.is_open()) return;
+  nlohmann::json line = {{"iteration", m.iteration},
+                         {"lm_loss", m.lm_loss},
+                         {"load_balancing_loss", m.load_balancing_loss},
+                         {"z_loss", m.z_loss},
+                         {"grad_norm", m.grad_norm},
+                         {"lr", m.lr},
+                         {"tokens_per_sec", m.tokens_per_sec},
+                         {"ms_per_iter", m.ms_per_iter},
+                         {"dropped_fraction", m.dropped_fraction},
+                         {"expert_load", m.expert_load},
+                         {"skipped", m.skipped}};
+  metrics_ << line.dump() << "\n";
+  metrics_.flush();
+}
+
+void Trainer::write_eval_metrics(int64_t iteration, double val_loss) {
+  if (is_root_) {
+    std::printf("eval at iter %lld | val loss %.4f\n", static_cast<long long>(iteration), val_loss);
+    std::fflush(stdout);
+  }
+  if (!metrics_.is_open()) return;
+  metrics_ << nlohmann::json{{"iteration", iteration}, {"val_loss", val_loss}}.dump() << "\n";
+  metrics_.flush();
+}
+
+int Trainer::run() {
+  if (is_root_) {
+    std::printf("moe-train: %d layers (%d Switch, %d experts, top-%d), hidden %d, %zu parameters, "
+                "%lld train / %lld valid windows of %d tokens, %d rank(s), %d thread(s)\n",
+                options_.model.num_layers, options_.model.num_switch_layers(),
+                options_.model.num_experts, options_.model.moe_router_topk,
+                options_.model.hidden_size, layout_->total_floats(),
+                static_cast<long long>(data_->num_train_windows()),
+                static_cast<long long>(data_->num_valid_windows()), options_.seq_length,
+                world_.size(), omp_get_max_threads());
+    std::fflush(stdout);
+  }
+  int skipped_in_a_row = 0;
+  const int64_t last = options_.exit_interval > 0
+                           ? std::min(options_.exit_interval, options_.train_iters)
+                           : options_.train_iters;
+  for (int64_t iteration = 1; iteration <= last; ++iteration) {
+    const IterationMetrics m = train_iteration(iteration);
+    if (is_root_) {
+      write_metrics(m);
+      if (iteration % options_.log_interval == 0 || iteration == 1 || iteration == last ||
+          m.skipped)
+        log_progress(m);
+    }
+    skipped_in_a_row = m.skipped ? skipped_in_a_row + 1 : 0;
+    if (skipped_in_a_row > options_.max_skipped_iters)
+      throw RuntimeError("rank " + std::to_string(world_.rank()) + ": " +
+                         std::to_string(skipped_in_a_row) +
+                         " iterations in a row had a non-finite loss or gradient; stopping");
+    if (options_.eval_interval > 0 && iteration % options_.eval_interval == 0 &&
+        data_->num_valid_windows() > 0)
+      write_eval_metrics(iteration, evaluate());
+  }
+  const bool evaluated_last = options_.eval_interval > 0 && last % options_.eval_interval == 0;
+  if (data_->num_valid_windows() > 0 && !evaluated_last && last > 0)
+    write_eval_metrics(last, evaluate());
+  if (!options_.export_safetensors.empty()) {
+    std::vector<float> values = host_params();
+    if (is_root_) {
+      export_safetensors(options_.export_safetensors, options_.model, *layout_, values.data());
+      std::printf("wrote %s\n", options_.export_safetensors.c_str());
+    }
+  }
+  return 0;
+}
+
+int run_evaluation(const EvalOptions& options) {
+  if (options.threads > 0) omp_set_num_threads(options.threads);
+  if (options.model_path.empty())
+    throw UsageError("moe-eval --load needs checkpoints, which this build does not write yet; "
+                     "use --model FILE.safetensors");
+  const ModelConfig config = read_safetensors_config(options.model_path);
+  const int T = options.seq_length > 0 ? options.seq_length : config.max_position_embeddings;
+  if (T > config.max_position_embeddings)
+    throw UsageError("--seq-length " + std::to_string(T) + " exceeds the model's " +
+                     std::to_string(config.max_position_embeddings) + " positions");
+  TokenStream stream = load_tokens(options.data_path, options.data_format);
+  if (stream.max_token >= config.vocab_size)
+    throw UsageError(options.data_path + " holds token " + std::to_string(stream.max_token) +
+                     ", outside the model's vocabulary of " + std::to_string(config.vocab_size));
+  DataLoader data = DataLoader::for_evaluation(std::move(stream), T);
+
+  auto backend = make_cpu_backend();
+  ParamLayout layout(config);
+  GptModel model(*backend, config, layout, options.micro_batch_size, T);
+  {
+    std::vector<float> values(layout.total_floats(), 0.0f);
+    import_safetensors(options.model_path, layout, values.data());
+    backend->copy_from_host(model.params(), values.data(), values.size() * sizeof(float));
+  }
+  RoutingOptions routing;
+  routing.capacity_factor = options.eval_capacity_factor;
+  routing.drop_policy = options.drop_policy;
+  auto self = make_self_communicator();
+  std::vector<int32_t> inputs(static_cast<size_t>(options.micro_batch_size) * T), targets(inputs.size());
+  int64_t batches = data.num_valid_batches(options.micro_batch_size);
+  if (options.eval_iters > 0) batches = std::min(batches, options.eval_iters);
+  double loss_sum = 0, tokens = 0;
+  const auto start = Clock::now();
+  for (int64_t batch = 0; batch < batches; ++batch) {
+    const int rows = data.fill_valid_batch(inputs.data(), targets.data(), batch,
+                                           options.micro_batch_size);
+    const ForwardLosses losses = model.forward(inputs.data(), targets.data(), rows, T, routing, *self);
+    loss_sum += losses.lm_loss * rows * T;
+    tokens += static_cast<double>(rows) * T;
+  }
+  const double seconds = seconds_since(start);
+  nlohmann::json result = {{"loss", tokens > 0 ? loss_sum / tokens : 0.0},
+                           {"tokens", static_cast<int64_t>(tokens)},
+                           {"windows", data.num_valid_windows()},
+                           {"seq_length", T},
+                           {"tokens_per_sec", seconds > 0 ? tokens / seconds : 0.0}};
+  std::cout << result.dump() << std::endl;
+  return 0;
+}
+
+}  // namespace moe

@@ -1,0 +1,76 @@
+// The training loop of moe-train: data, model, optimizer, evaluation, logs and metrics.
+//
+// One iteration: for each micro-step, read this rank's micro-batch, forward (routing
+// statistics summed over the data-parallel group), backward with each loss scaled by
+// 1/num_micro; then average gradients over data-parallel ranks, take the global gradient
+// norm, clip, and apply AdamW at the scheduled learning rate.
+#pragma once
+
+#include <cstdint>
+#include <fstream>
+#include <memory>
+#include <vector>
+
+#include "core/backend.h"
+#include "dist/communicator.h"
+#include "launcher/data.h"
+#include "launcher/options.h"
+#include "model/gpt.h"
+#include "model/optimizer.h"
+
+namespace moe {
+
+// What one iteration measured (DESIGN.md, Formats: the metrics JSONL).
+struct IterationMetrics {
+  int64_t iteration = 0;
+  double lm_loss = 0;              // mean over micro-steps and ranks
+  double load_balancing_loss = 0;  // summed over layers, mean over micro-steps
+  double z_loss = 0;
+  double grad_norm = 0;            // before clipping
+  double lr = 0;
+  double tokens_per_sec = 0;
+  double ms_per_iter = 0;
+  double dropped_fraction = 0;
+  std::vector<std::vector<double>> expert_load;  // (Switch layers, E) choices per expert
+  bool skipped = false;            // a non-finite loss or gradient: no update
+};
+
+class Trainer {
+ public:
+  Trainer(const TrainOptions& options, Communicator& world);
+  ~Trainer();
+  // Trains to --train-iters (or --exit-interval); returns the process exit status.
+  int run();
+
+  // One training iteration (1-based), for tests.
+  IterationMetrics train_iteration(int64_t iteration);
+  // Mean cross-entropy per target token over the held-out windows (or --eval-iters batches).
+  double evaluate();
+  GptModel& model() { return *model_; }
+  const ParamLayout& layout() const { return *layout_; }
+  // The parameters on the host.  (layout.total_floats())
+  std::vector<float> host_params();
+
+ private:
+  void log_progress(const IterationMetrics& m) const;
+  void write_metrics(const IterationMetrics& m);
+  void write_eval_metrics(int64_t iteration, double val_loss);
+
+  TrainOptions options_;
+  Communicator& world_;
+  bool is_root_;
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<DataLoader> data_;
+  BatchLayout batch_;
+  std::unique_ptr<ParamLayout> layout_;
+  std::unique_ptr<GptModel> model_;
+  std::unique_ptr<AdamW> optimizer_;
+  int64_t optimizer_steps_ = 0;
+  std::ofstream metrics_;
+  std::vector<int32_t> inputs_, targets_;  // (micro_batch, T) host staging
+};
+
+// moe-eval: mean cross-entropy of a model over every window of a file; prints the JSON line.
+int run_evaluation(const EvalOptions& options);
+
+}  // namespace moe

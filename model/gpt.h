@@ -1,0 +1,112 @@
+// The GPT-2-style decoder with Switch layers (DESIGN.md, Model): forward and backward of one
+// micro-batch through the backend interface. Parameters and gradients are two flat buffers
+// with one ParamLayout; activations are sized once for the largest micro-batch.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/buffer.h"
+#include "dist/communicator.h"
+#include "experts/switch_layer.h"
+#include "model/config.h"
+#include "model/parameters.h"
+
+namespace moe {
+
+// What one micro-batch's forward measured.
+struct ForwardLosses {
+  double lm_loss = 0;              // mean cross-entropy over the micro-batch's targets
+  double load_balancing_loss = 0;  // summed over Switch layers, before the coefficient
+  double z_loss = 0;               // summed over Switch layers, before the coefficient
+};
+
+// d(total loss)/d(each loss) for this micro-step: 1/num_micro times each coefficient.
+struct LossScales {
+  float lm = 1.0f;
+  float aux = 0.0f;
+  float z = 0.0f;
+};
+
+class GptModel {
+ public:
+  GptModel(Backend& backend, const ModelConfig& config, const ParamLayout& layout,
+           int max_batch, int max_seq);
+
+  const ModelConfig& config() const { return config_; }
+  const ParamLayout& layout() const { return layout_; }
+  float* params() { return params_.data(); }  // (layout.total_floats())
+  float* grads() { return grads_.data(); }    // (layout.total_floats())
+  void zero_grads() { grads_.zero(); }
+
+  // Forward of one micro-batch of B windows of T tokens. With targets, returns the losses and
+  // leaves softmax probabilities for backward; without (targets_host == nullptr), leaves the
+  // logits readable through logits().
+  ForwardLosses forward(const int* inputs_host,   // (B, T)
+                        const int* targets_host,  // (B, T) or nullptr
+                        int B, int T, const RoutingOptions& routing, Communicator& stats_group);
+  // Accumulates the gradients of the last forward (which must have had targets).
+  void backward(const LossScales& scales);
+
+  const float* logits() const { return logits_BTV_.data(); }  // (B, T, V)
+  // The Switch layers in model order (index i is the i-th Switch layer).
+  std::vector<SwitchLayer>& switch_layers() { return switch_layers_; }
+  const std::vector<int>& switch_layer_ids() const { return switch_layer_ids_; }
+
+ private:
+  struct LayerActivations {
+    Buffer<float> ln1;       // (B, T, C)
+    Buffer<float> ln1_mean;  // (B, T)
+    Buffer<float> ln1_rstd;  // (B, T)
+    Buffer<float> qkv;       // (B, T, 3C)
+    Buffer<float> att;       // (B, NH, T, T)
+    Buffer<float> atty;      // (B, T, C)
+    Buffer<float> attproj;   // (B, T, C)
+    Buffer<float> res2;      // (B, T, C) residual after attention
+    Buffer<float> ln2;       // (B, T, C)
+    Buffer<float> ln2_mean;  // (B, T)
+    Buffer<float> ln2_rstd;  // (B, T)
+    Buffer<float> fch;       // (B, T, F) dense layers only
+    Buffer<float> fch_gelu;  // (B, T, F) dense layers only
+    Buffer<float> ffn_out;   // (B, T, C)
+    Buffer<float> res3;      // (B, T, C) the block's output
+  };
+  SwitchWeights switch_weights(int layer) const;
+  SwitchGrads switch_grads(int layer) const;
+
+  Backend& backend_;
+  ModelConfig config_;
+  ParamLayout layout_;
+  int max_batch_, max_seq_;
+  int B_ = 0, T_ = 0;  // shape of the last forward
+
+  Buffer<float> params_;
+  Buffer<float> grads_;
+  ModelTensors p_;  // views into params_
+  ModelTensors g_;  // views into grads_
+
+  Buffer<int> inputs_BT_;     // (B, T)
+  Buffer<int> targets_BT_;    // (B, T)
+  Buffer<float> encoded_;     // (B, T, C)
+  std::vector<LayerActivations> layers_;
+  std::vector<SwitchLayer> switch_layers_;
+  std::vector<int> switch_index_of_layer_;  // (L) index into switch_layers_, -1 if dense
+  std::vector<int> switch_layer_ids_;       // model layer of each Switch layer
+  Buffer<float> lnf_;         // (B, T, C)
+  Buffer<float> lnf_mean_;    // (B, T)
+  Buffer<float> lnf_rstd_;    // (B, T)
+  Buffer<float> logits_BTV_;  // (B, T, V) logits, then softmax probs, then dlogits
+  Buffer<float> losses_BT_;   // (B, T)
+
+  // backward scratch
+  Buffer<float> dres_;        // (B, T, C) gradient of the residual stream
+  Buffer<float> dln_;         // (B, T, C)
+  Buffer<float> datty_;       // (B, T, C)
+  Buffer<float> dqkv_;        // (B, T, 3C)
+  Buffer<float> dfch_gelu_;   // (B, T, F)
+  Buffer<float> dfch_;        // (B, T, F)
+  Buffer<float> datt_;        // (B, NH, T, T)
+};
+
+}  // namespace moe
