@@ -19,9 +19,22 @@ enum class InitKind {
   kOnes,       // LayerNorm weights
 };
 
+// How a tensor is split over the tensor-parallel ranks (Megatron's column/row split). `dim` is
+// the split dimension (-1: every rank holds the whole tensor). The dimension is cut into
+// `blocks` equal blocks (3 for c_attn: q, k, v) and each block into `parts` equal pieces;
+// rank `part` holds piece `part` of every block, blocks in order.
+struct ShardSpec {
+  int dim = -1;
+  int blocks = 1;
+  int part = 0;
+  int parts = 1;
+};
+
 struct ParamEntry {
   std::string name;            // e.g. "h.1.moe.experts.3.c_fc.weight"
-  std::vector<int64_t> shape;  // the tensor's shape, [out, in] for weights
+  std::vector<int64_t> shape;  // this rank's shape, [out, in] for weights
+  std::vector<int64_t> full_shape;  // the unsharded tensor's shape (DESIGN.md's)
+  ShardSpec shard;
   size_t offset = 0;           // in floats, into the flat buffer
   size_t numel = 0;
   InitKind init = InitKind::kZeros;
@@ -29,6 +42,9 @@ struct ParamEntry {
   bool is_expert = false;      // expert weights are reduced over the expert-data-parallel group
   // AdamW decays tensors with two or more dimensions only (DESIGN.md, Optimizer).
   bool weight_decay() const { return shape.size() >= 2; }
+  bool is_sharded() const { return shard.dim >= 0 && shard.parts > 1; }
+  // The row-major index in the full tensor of this shard's element `local_index`.
+  size_t full_index(size_t local_index) const;
 };
 
 // Pointers into one flat buffer (parameters, or gradients, laid out identically).
@@ -64,10 +80,10 @@ struct ModelTensors {
 
 class ParamLayout {
  public:
-  // The layout of the experts [first_expert, first_expert + num_local_experts) of each Switch
-  // layer; the default holds every expert.
-  explicit ParamLayout(const ModelConfig& config, int first_expert = 0,
-                       int num_local_experts = -1);
+  // The layout of one rank: tensor-parallel rank tp_rank of tp_size, holding the experts
+  // [first_expert, first_expert + num_local_experts) of each Switch layer (-1: all of them).
+  explicit ParamLayout(const ModelConfig& config, int tp_rank = 0, int tp_size = 1,
+                       int first_expert = 0, int num_local_experts = -1);
 
   const std::vector<ParamEntry>& entries() const { return entries_; }
   size_t total_floats() const { return total_floats_; }
@@ -76,12 +92,16 @@ class ParamLayout {
   ModelTensors bind(float* base) const;
   int first_expert() const { return first_expert_; }
   int num_local_experts() const { return num_local_experts_; }
+  int tp_rank() const { return tp_rank_; }
+  int tp_size() const { return tp_size_; }
 
  private:
-  size_t add(const std::string& name, std::vector<int64_t> shape, InitKind init,
-             bool is_expert = false, bool continues_family = false);
+  size_t add(const std::string& name, std::vector<int64_t> full_shape, InitKind init,
+             ShardSpec shard = {}, bool is_expert = false, bool continues_family = false);
 
   ModelConfig config_;
+  int tp_rank_;
+  int tp_size_;
   int first_expert_;
   int num_local_experts_;
   std::vector<ParamEntry> entries_;
