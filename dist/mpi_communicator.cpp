@@ -121,7 +121,7 @@ class MpiCommunicator final : public Communicator {
     if (count < 0 || count > INT32_MAX)
       throw RuntimeError("rank " + std::to_string(world_rank_) + ": message of " +
                          std::to_string(count) + " elements is beyond MPI's int counts");
-    return checked_count(count);
+    return static_cast<int>(count);
   }
   int checked_count(size_t count) const { return checked_count(static_cast<int64_t>(count)); }
 

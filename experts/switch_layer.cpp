@@ -28,10 +28,14 @@ double RouterStats::dropped_fraction() const {
   return total > 0 ? 1.0 - kept_total / total : 0.0;
 }
 
-SwitchLayer::SwitchLayer(Backend& backend, const SwitchShape& shape)
-    : backend_(backend), shape_(shape) {
-  const size_t T = shape.max_tokens, D = shape.hidden, F = shape.ffn, E = shape.num_experts,
-               K = shape.top_k, R = T * K;
+SwitchLayer::SwitchLayer(Backend& backend, const SwitchShape& shape, const SwitchGroups& groups)
+    : backend_(backend),
+      shape_(shape),
+      groups_(groups),
+      dispatcher_(backend, groups.ep, shape.num_experts) {
+  const size_t N = shape.max_tokens, D = shape.hidden, F = shape.ffn, E = shape.num_experts,
+               K = shape.top_k, T = (N + groups.tp.size() - 1) / groups.tp.size(), R = T * K,
+               L = R * groups.ep.size();  // at most every EP peer's rows land here
   noise_TD_ = Buffer<float>(backend, T * D);
   x_router_TD_ = Buffer<float>(backend, T * D);
   logits_TE_ = Buffer<float>(backend, T * E);
@@ -40,17 +44,26 @@ SwitchLayer::SwitchLayer(Backend& backend, const SwitchShape& shape)
   expert_idx_TK_ = Buffer<int>(backend, T * K);
   gates_TK_ = Buffer<float>(backend, T * K);
   x_RD_ = Buffer<float>(backend, R * D);
-  h_RF_ = Buffer<float>(backend, R * F);
-  a_RF_ = Buffer<float>(backend, R * F);
+  x_LD_ = Buffer<float>(backend, L * D);
+  h_LF_ = Buffer<float>(backend, L * F);
+  a_LF_ = Buffer<float>(backend, L * F);
+  y_LD_ = Buffer<float>(backend, L * D);
   y_RD_ = Buffer<float>(backend, R * D);
   dy_RD_ = Buffer<float>(backend, R * D);
-  da_RF_ = Buffer<float>(backend, R * F);
-  dh_RF_ = Buffer<float>(backend, R * F);
+  dy_LD_ = Buffer<float>(backend, L * D);
+  da_LF_ = Buffer<float>(backend, L * F);
+  dh_LF_ = Buffer<float>(backend, L * F);
+  dx_LD_ = Buffer<float>(backend, L * D);
   dx_RD_ = Buffer<float>(backend, R * D);
   dgates_TK_ = Buffer<float>(backend, T * K);
   dprobs_TE_ = Buffer<float>(backend, T * E);
   dlogits_TE_ = Buffer<float>(backend, T * E);
   dx_router_TD_ = Buffer<float>(backend, T * D);
+  if (groups.tp.size() > 1) {
+    out_TD_ = Buffer<float>(backend, T * D);
+    dx_TD_ = Buffer<float>(backend, T * D);
+    dx_ND_ = Buffer<float>(backend, N * D);
+  }
   expert_idx_host_.resize(T * K);
   slot_TK_.resize(T * K);
   row_TK_.resize(T * K);
@@ -62,7 +75,7 @@ SwitchLayer::SwitchLayer(Backend& backend, const SwitchShape& shape)
 
 // Router: logits = x_router @ W_r^T in fp32, softmax, top-k, capacity.
 void SwitchLayer::route(const float* x, const SwitchWeights& w, const RoutingOptions& options) {
-  const int T = num_tokens_, D = shape_.hidden, E = shape_.num_experts, K = shape_.top_k;
+  const int T = num_routed_, D = shape_.hidden, E = shape_.num_experts, K = shape_.top_k;
   const float* router_input = x;
   jitter_ = options.jitter_eps > 0.0;
   if (jitter_) {
@@ -73,9 +86,11 @@ void SwitchLayer::route(const float* x, const SwitchWeights& w, const RoutingOpt
                                      static_cast<uint64_t>(options.iteration),
                                      static_cast<uint64_t>(shape_.layer)});
     const double lo = 1.0 - options.jitter_eps, width = 2.0 * options.jitter_eps;
+    // This rank routes tokens [tp_rank*T, tp_rank*T + T) of the micro-batch.
+    const int64_t first = options.first_token + static_cast<int64_t>(groups_.tp.rank()) * T;
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; ++t) {
-      const uint64_t token_key = random_key({key, static_cast<uint64_t>(options.first_token + t)});
+      const uint64_t token_key = random_key({key, static_cast<uint64_t>(first + t)});
       for (int d = 0; d < D; ++d)
         noise[static_cast<size_t>(t) * D + d] =
             static_cast<float>(lo + width * uniform_double(random_key({token_key,
@@ -96,7 +111,7 @@ void SwitchLayer::route(const float* x, const SwitchWeights& w, const RoutingOpt
 
 // Lays the kept choices out in expert order: expert e owns rows [offsets[e], offsets[e+1]).
 void SwitchLayer::permute(const RoutingOptions&) {
-  const int T = num_tokens_, E = shape_.num_experts, K = shape_.top_k;
+  const int T = num_routed_, E = shape_.num_experts, K = shape_.top_k;
   offsets_E_[0] = 0;
   for (int e = 0; e < E; ++e) offsets_E_[e + 1] = offsets_E_[e] + counts_E_[e];
   num_rows_ = offsets_E_[E];
@@ -117,24 +132,36 @@ void SwitchLayer::permute(const RoutingOptions&) {
   }
 }
 
-void SwitchLayer::forward(float* out, const float* x, const SwitchWeights& w, int num_tokens,
-                          const RoutingOptions& options, Communicator& stats_group) {
-  MOE_CHECK(num_tokens <= shape_.max_tokens, "routing group larger than the layer was sized for");
+void SwitchLayer::forward(float* out, const float* x_ND, const SwitchWeights& w, int num_tokens,
+                          const RoutingOptions& options) {
+  const int tp = groups_.tp.size();
+  MOE_CHECK(num_tokens <= shape_.max_tokens, "micro-batch larger than the layer was sized for");
+  MOE_CHECK(num_tokens % tp == 0, "tensor-parallel size must divide the micro-batch's tokens");
   num_tokens_ = num_tokens;
-  const int T = num_tokens, D = shape_.hidden, F = shape_.ffn, E = shape_.num_experts,
+  num_routed_ = num_tokens / tp;
+  const int T = num_routed_, D = shape_.hidden, F = shape_.ffn, E = shape_.num_experts,
             K = shape_.top_k;
+  const float* x = x_ND + static_cast<size_t>(groups_.tp.rank()) * T * D;  // (T, D) my slice
   route(x, w, options);
   permute(options);
 
-  // Expert FFN on the kept rows: one grouped GEMM pass per projection over all experts.
+  // Rows to the ranks of their experts, one grouped GEMM pass per projection over the local
+  // experts, and back.
   const int R = num_rows_;
   backend_.gather_rows(x_RD_.data(), x, token_of_row_.data(), R, D);
-  backend_.grouped_linear_forward(h_RF_.data(), x_RD_.data(), w.fc_w, w.fc_b, offsets_E_.data(),
-                                  E, D, F);
-  backend_.gelu_forward(a_RF_.data(), h_RF_.data(), static_cast<size_t>(R) * F);
-  backend_.grouped_linear_forward(y_RD_.data(), a_RF_.data(), w.proj_w, w.proj_b,
-                                  offsets_E_.data(), E, F, D);
-  backend_.combine_forward(out, y_RD_.data(), gates_TK_.data(), row_TK_.data(), T, K, D);
+  handle_ = dispatcher_.plan(counts_E_.data());
+  const int L = handle_.num_local_rows, E_local = dispatcher_.num_local_experts();
+  const int* local_offsets = handle_.local_offsets.data();
+  dispatcher_.dispatch(handle_, x_LD_.data(), x_RD_.data(), D);
+  backend_.grouped_linear_forward(h_LF_.data(), x_LD_.data(), w.fc_w, w.fc_b, local_offsets,
+                                  E_local, D, F);
+  backend_.gelu_forward(a_LF_.data(), h_LF_.data(), static_cast<size_t>(L) * F);
+  backend_.grouped_linear_forward(y_LD_.data(), a_LF_.data(), w.proj_w, w.proj_b, local_offsets,
+                                  E_local, F, D);
+  dispatcher_.combine(handle_, y_RD_.data(), y_LD_.data(), D);
+  float* out_TD = tp > 1 ? out_TD_.data() : out;
+  backend_.combine_forward(out_TD, y_RD_.data(), gates_TK_.data(), row_TK_.data(), T, K, D);
+  if (tp > 1) groups_.tp.allgather(out, out_TD, static_cast<size_t>(T) * D);
 
   // Statistics for the auxiliary losses, summed over every rank of the micro-step, packed in
   // one buffer so that it is one all-reduce: [prob_sums(E), choices(E), kept(E), S, sum lse^2].
@@ -146,7 +173,7 @@ void SwitchLayer::forward(float* out, const float* x, const SwitchWeights& w, in
   }
   packed[3 * E] = T;
   packed[3 * E + 1] = backend_.sum_squares(lse_T_.data(), T);
-  stats_group.allreduce_sum(packed.data(), packed.size());
+  groups_.stats.allreduce_sum(packed.data(), packed.size());
   stats_.prob_sums.assign(packed.begin(), packed.begin() + E);
   stats_.choices.assign(packed.begin() + E, packed.begin() + 2 * E);
   stats_.kept.assign(packed.begin() + 2 * E, packed.begin() + 3 * E);
@@ -154,55 +181,74 @@ void SwitchLayer::forward(float* out, const float* x, const SwitchWeights& w, in
   stats_.lse_squared_sum = packed[3 * E + 1];
 }
 
-void SwitchLayer::backward(float* dx, const SwitchGrads& g, const float* dout, const float* x,
-                           const SwitchWeights& w, float aux_scale, float z_scale) {
-  const int T = num_tokens_, D = shape_.hidden, F = shape_.ffn, E = shape_.num_experts,
-            K = shape_.top_k, R = num_rows_;
-  // combine -> expert FFN -> gather, in reverse.
+void SwitchLayer::backward(float* dx_ND, const SwitchGrads& g, const float* dout_ND,
+                           const float* x_ND, const SwitchWeights& w, float aux_scale,
+                           float z_scale) {
+  const int tp = groups_.tp.size(), N = num_tokens_, T = num_routed_, D = shape_.hidden,
+            F = shape_.ffn, E = shape_.num_experts, K = shape_.top_k, R = num_rows_,
+            L = handle_.num_local_rows, E_local = dispatcher_.num_local_experts();
+  const int* local_offsets = handle_.local_offsets.data();
+  const size_t slice = static_cast<size_t>(groups_.tp.rank()) * T * D;
+  const float* dout = dout_ND + slice;  // (T, D)
+  const float* x = x_ND + slice;        // (T, D)
+  float* dx = dx_ND;                    // (T, D) +=, my slice of dx
+  if (tp > 1) {
+    dx_TD_.zero();
+    dx = dx_TD_.data();
+  }
+
+  // combine -> expert FFN -> dispatch -> gather, in reverse: the backward of combine is
+  // dispatch and the backward of dispatch is combine.
   dy_RD_.zero();
   dgates_TK_.zero();
   backend_.combine_backward(dy_RD_.data(), dgates_TK_.data(), dout, y_RD_.data(),
                             gates_TK_.data(), row_TK_.data(), T, K, D);
-  da_RF_.zero();
-  backend_.grouped_linear_backward(da_RF_.data(), g.proj_w, g.proj_b, dy_RD_.data(),
-                                   a_RF_.data(), w.proj_w, offsets_E_.data(), E, F, D);
-  dh_RF_.zero();
-  backend_.gelu_backward(dh_RF_.data(), h_RF_.data(), da_RF_.data(), static_cast<size_t>(R) * F);
-  dx_RD_.zero();
-  backend_.grouped_linear_backward(dx_RD_.data(), g.fc_w, g.fc_b, dh_RF_.data(), x_RD_.data(),
-                                   w.fc_w, offsets_E_.data(), E, D, F);
+  dispatcher_.dispatch(handle_, dy_LD_.data(), dy_RD_.data(), D);
+  da_LF_.zero();
+  backend_.grouped_linear_backward(da_LF_.data(), g.proj_w, g.proj_b, dy_LD_.data(),
+                                   a_LF_.data(), w.proj_w, local_offsets, E_local, F, D);
+  dh_LF_.zero();
+  backend_.gelu_backward(dh_LF_.data(), h_LF_.data(), da_LF_.data(), static_cast<size_t>(L) * F);
+  dx_LD_.zero();
+  backend_.grouped_linear_backward(dx_LD_.data(), g.fc_w, g.fc_b, dh_LF_.data(), x_LD_.data(),
+                                   w.fc_w, local_offsets, E_local, D, F);
+  dispatcher_.combine(handle_, dx_RD_.data(), dx_LD_.data(), D);
   backend_.scatter_add_rows(dx, dx_RD_.data(), token_of_row_.data(), R, D);
 
   // Router: gates -> probs, plus the load-balancing loss, which reaches the router through
-  // P_i = mean_t p_ti only: d lb / d p_ti = (E/k) f_i / S. S is this rank's token count: the
-  // data-parallel average of the gradients supplies the 1/dp of the global mean.
+  // P_i = mean_t p_ti only: d lb / d p_ti = (E/k) f_i / S. Each rank divides by the tokens of
+  // one data-parallel replica (N): summing router gradients over tp and averaging over dp
+  // then gives the global mean.
   dprobs_TE_.zero();
   backend_.topk_backward(dprobs_TE_.data(), dgates_TK_.data(), expert_idx_TK_.data(),
                          probs_TE_.data(), T, E, K);
   std::vector<float> dlb_dp(E);
   for (int e = 0; e < E; ++e)
     dlb_dp[e] = static_cast<float>(aux_scale * (static_cast<double>(E) / K) *
-                                   (stats_.choices[e] / stats_.tokens) / T);
+                                   (stats_.choices[e] / stats_.tokens) / N);
   backend_.add_row_vector(dprobs_TE_.data(), dlb_dp.data(), T, E);
   dlogits_TE_.zero();
   backend_.softmax_backward(dlogits_TE_.data(), dprobs_TE_.data(), probs_TE_.data(), T, E);
   // z-loss = mean_t lse_t^2: d/dlogits = 2 lse p / S.
   backend_.zloss_backward(dlogits_TE_.data(), probs_TE_.data(), lse_T_.data(),
-                          z_scale / static_cast<float>(T), T, E);
+                          z_scale / static_cast<float>(N), T, E);
 
   // logits = x_router @ W_r^T, and x_router = x * noise when jittered.
-  const float* router_input = jitter_ ? x_router_TD_.data() : x;
   if (!jitter_) {
-    backend_.linear_backward(dx, g.router, nullptr, dlogits_TE_.data(), router_input, w.router,
-                             T, D, E);
-    return;
+    backend_.linear_backward(dx, g.router, nullptr, dlogits_TE_.data(), x, w.router, T, D, E);
+  } else {
+    dx_router_TD_.zero();
+    backend_.linear_backward(dx_router_TD_.data(), g.router, nullptr, dlogits_TE_.data(),
+                             x_router_TD_.data(), w.router, T, D, E);
+    backend_.mul(dx_router_TD_.data(), dx_router_TD_.data(), noise_TD_.data(),
+                 static_cast<size_t>(T) * D);
+    backend_.accumulate(dx, dx_router_TD_.data(), static_cast<size_t>(T) * D);
   }
-  dx_router_TD_.zero();
-  backend_.linear_backward(dx_router_TD_.data(), g.router, nullptr, dlogits_TE_.data(),
-                           router_input, w.router, T, D, E);
-  backend_.mul(dx_router_TD_.data(), dx_router_TD_.data(), noise_TD_.data(),
-               static_cast<size_t>(T) * D);
-  backend_.accumulate(dx, dx_router_TD_.data(), static_cast<size_t>(T) * D);
+  if (tp > 1) {
+    // Every tp rank needs the whole dx: it continues into the replicated ln_2.
+    groups_.tp.allgather(dx_ND_.data(), dx, static_cast<size_t>(T) * D);
+    backend_.accumulate(dx_ND, dx_ND_.data(), static_cast<size_t>(N) * D);
+  }
 }
 
 }  // namespace moe

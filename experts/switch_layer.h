@@ -3,10 +3,15 @@
 // as one grouped GEMM pass, and the results are combined gate-weighted back into token order.
 //
 //   x_TD --router--> probs_TE --topk--> expert_idx_TK, gates_TK --capacity--> row_TK
-//        --gather--> x_RD --expert FFN--> y_RD --combine(gates)--> out_TD
+//        --gather--> x_RD --dispatch--> x_LD --expert FFN--> y_LD --combine--> y_RD
+//        --combine(gates)--> out_TD
 //
-// T = tokens of the micro-batch on this rank (the routing group), D = hidden size, E = experts,
-// K = top-k, R = kept choices (rows in expert order), F = expert FFN width.
+// With tensor parallelism the tp ranks hold the same N tokens; each routes its 1/tp slice, so no
+// expert work is duplicated, and the outputs are all-gathered afterwards.
+//
+// N = tokens of the micro-batch, T = N/tp = this rank's routing group, D = hidden size,
+// E = experts, K = top-k, R = kept choices (rows in global expert order), L = rows this rank's
+// experts received (in local expert order), F = expert FFN width.
 #pragma once
 
 #include <cstdint>
@@ -15,11 +20,12 @@
 #include "core/backend.h"
 #include "core/buffer.h"
 #include "dist/communicator.h"
+#include "experts/dispatcher.h"
 
 namespace moe {
 
 struct SwitchShape {
-  int max_tokens;     // T_max: the largest routing group this layer will see
+  int max_tokens;     // N_max: the most tokens a micro-batch will bring
   int hidden;         // D
   int ffn;            // F
   int num_experts;    // E
@@ -36,20 +42,28 @@ struct RoutingOptions {
   int64_t first_token = 0;       // global index of this micro-batch's first token
 };
 
+// The local experts' weights: E_local = E / ep experts with contiguous global ids.
 struct SwitchWeights {
   const float* router;   // (E, D)
-  const float* fc_w;     // (E, F, D)
-  const float* fc_b;     // (E, F)
-  const float* proj_w;   // (E, D, F)
-  const float* proj_b;   // (E, D)
+  const float* fc_w;     // (E_local, F, D)
+  const float* fc_b;     // (E_local, F)
+  const float* proj_w;   // (E_local, D, F)
+  const float* proj_b;   // (E_local, D)
 };
 
 struct SwitchGrads {
   float* router;   // (E, D)
-  float* fc_w;     // (E, F, D)
-  float* fc_b;     // (E, F)
-  float* proj_w;   // (E, D, F)
-  float* proj_b;   // (E, D)
+  float* fc_w;     // (E_local, F, D)
+  float* fc_b;     // (E_local, F)
+  float* proj_w;   // (E_local, D, F)
+  float* proj_b;   // (E_local, D)
+};
+
+// The process groups a Switch layer talks to.
+struct SwitchGroups {
+  Communicator& tp;     // ranks holding the same tokens: each routes a 1/tp slice
+  Communicator& ep;     // ranks exchanging tokens for each other's experts
+  Communicator& stats;  // every rank of the micro-step: routing statistics are summed here
 };
 
 // Routing statistics of one micro-step, summed over every rank that shares it.
@@ -69,21 +83,20 @@ struct RouterStats {
 
 class SwitchLayer {
  public:
-  SwitchLayer(Backend& backend, const SwitchShape& shape);
+  SwitchLayer(Backend& backend, const SwitchShape& shape, const SwitchGroups& groups);
 
-  // out_TD = sum over kept choices of g * expert(x_TD). `stats_group` sums the routing
-  // statistics over every rank of the micro-step (the losses do not depend on the layout).
-  void forward(float* out,            // (T, D)
-               const float* x,        // (T, D) the ln_2 output
-               const SwitchWeights& w, int num_tokens, const RoutingOptions& options,
-               Communicator& stats_group);
+  // out = sum over kept choices of g * expert(x), for all N tokens. The routing statistics are
+  // summed over the stats group, so the losses do not depend on the layout.
+  void forward(float* out,            // (N, D)
+               const float* x,        // (N, D) the ln_2 output
+               const SwitchWeights& w, int num_tokens, const RoutingOptions& options);
 
   // Accumulates dx and every weight gradient. aux_scale and z_scale are d(total loss)/d(lb)
   // and d(total loss)/d(z) for this micro-step (coefficient / number of micro-steps).
-  void backward(float* dx,            // (T, D) +=
+  void backward(float* dx,            // (N, D) +=
                 const SwitchGrads& g,
-                const float* dout,    // (T, D)
-                const float* x,       // (T, D)
+                const float* dout,    // (N, D)
+                const float* x,       // (N, D)
                 const SwitchWeights& w, float aux_scale, float z_scale);
 
   const RouterStats& stats() const { return stats_; }
@@ -97,7 +110,11 @@ class SwitchLayer {
 
   Backend& backend_;
   SwitchShape shape_;
-  int num_tokens_ = 0;
+  SwitchGroups groups_;
+  ExpertDispatcher dispatcher_;
+  DispatchHandle handle_;
+  int num_tokens_ = 0;   // N
+  int num_routed_ = 0;   // T = N / tp
   bool jitter_ = false;
   RouterStats stats_;
 
@@ -109,10 +126,13 @@ class SwitchLayer {
   Buffer<float> lse_T_;          // (T)
   Buffer<int> expert_idx_TK_;    // (T, K)
   Buffer<float> gates_TK_;       // (T, K)
-  Buffer<float> x_RD_;           // (T*K, D) tokens in expert order
-  Buffer<float> h_RF_;           // (T*K, F) c_fc output
-  Buffer<float> a_RF_;           // (T*K, F) gelu output
-  Buffer<float> y_RD_;           // (T*K, D) expert outputs
+  Buffer<float> x_RD_;           // (T*K, D) tokens in global expert order
+  Buffer<float> x_LD_;           // (ep*T*K, D) rows received for the local experts
+  Buffer<float> h_LF_;           // (ep*T*K, F) c_fc output
+  Buffer<float> a_LF_;           // (ep*T*K, F) gelu output
+  Buffer<float> y_LD_;           // (ep*T*K, D) local expert outputs
+  Buffer<float> y_RD_;           // (T*K, D) expert outputs back home, global expert order
+  Buffer<float> out_TD_;         // (T, D) this rank's slice of the output (tp > 1)
   // host-side routing layout
   std::vector<int> expert_idx_host_;  // (T, K)
   std::vector<int> slot_TK_;          // (T, K) position within the expert, -1 dropped
@@ -125,9 +145,13 @@ class SwitchLayer {
 
   // backward scratch
   Buffer<float> dy_RD_;          // (T*K, D)
-  Buffer<float> da_RF_;          // (T*K, F)
-  Buffer<float> dh_RF_;          // (T*K, F)
+  Buffer<float> dy_LD_;          // (ep*T*K, D)
+  Buffer<float> da_LF_;          // (ep*T*K, F)
+  Buffer<float> dh_LF_;          // (ep*T*K, F)
+  Buffer<float> dx_LD_;          // (ep*T*K, D)
   Buffer<float> dx_RD_;          // (T*K, D)
+  Buffer<float> dx_TD_;          // (T, D) this rank's slice of dx (tp > 1)
+  Buffer<float> dx_ND_;          // (N, D) the gathered dx (tp > 1)
   Buffer<float> dgates_TK_;      // (T, K)
   Buffer<float> dprobs_TE_;      // (T, E)
   Buffer<float> dlogits_TE_;     // (T, E)

@@ -13,8 +13,7 @@ int main(int argc, char** argv) {
   return moe::run_main("moe-train", mpi, [&] {
     auto options = moe::parse_train_options(argc, argv);
     if (!options) return 0;
-    auto world = moe::make_mpi_world_communicator();
-    moe::Trainer trainer(*options, *world);
+    moe::Trainer trainer(*options, mpi.world_size(), mpi.world_rank());
     return trainer.run();
   });
 }

@@ -1,8 +1,10 @@
 #include "launcher/options.h"
 
 #include <boost/program_options.hpp>
+#include <cmath>
 #include <fstream>
 #include <iostream>
+#include <utility>
 
 #include "core/error.h"
 
@@ -39,7 +41,17 @@ bool parse_into(int argc, char** argv, const po::options_description& desc, cons
       const std::string path = vm["config"].as<std::string>();
       std::ifstream file(path);
       if (!file) throw UsageError("--config: cannot open \"" + path + "\"");
-      po::store(po::parse_config_file(file, desc, /*allow_unregistered=*/false), vm);
+      try {
+        const po::parsed_options parsed =
+            po::parse_config_file(file, desc, /*allow_unregistered=*/false);
+        // store() skips a key the command line already set without parsing its value: check
+        // every value of the file on its own first, so a bad one is an error all the same.
+        po::variables_map file_only;
+        po::store(parsed, file_only);
+        po::store(parsed, vm);
+      } catch (const po::error& e) {
+        throw UsageError("--config " + path + ": " + e.what());
+      }
     }
     po::notify(vm);
   });
@@ -144,6 +156,17 @@ std::optional<TrainOptions> parse_train_options(int argc, char** argv) {
   o.schedule.train_iters = o.train_iters;
   o.model.max_position_embeddings = max_positions > 0 ? max_positions : o.seq_length;
 
+  // Boost reads "inf" as a number; no setting below means anything at infinity (a capacity
+  // factor of inf would even overflow the int capacity).
+  const std::pair<const char*, double> reals[] = {
+      {"--moe-expert-capacity-factor", o.capacity_factor},
+      {"--moe-eval-capacity-factor", o.eval_capacity_factor},
+      {"--moe-aux-loss-coeff", o.aux_loss_coeff}, {"--moe-z-loss-coeff", o.z_loss_coeff},
+      {"--init-scale", o.init_scale}, {"--lr", o.schedule.lr}, {"--min-lr", o.schedule.min_lr},
+      {"--weight-decay", o.adamw.weight_decay}, {"--adam-eps", o.adamw.eps},
+      {"--clip-grad", o.clip_grad}};
+  for (const auto& [flag, value] : reals)
+    require(std::isfinite(value), std::string(flag) + " must be a finite number");
   require(!o.data_path.empty(), "--data-path is required (a text file, or llm.c shards)");
   require(o.seq_length >= 1, "--seq-length must be at least 1");
   require(o.seq_length <= o.model.max_position_embeddings,
@@ -211,7 +234,8 @@ std::optional<EvalOptions> parse_eval_options(int argc, char** argv) {
   require(o.seq_length >= 0, "--seq-length must not be negative");
   require(o.micro_batch_size >= 1, "--micro-batch-size must be at least 1");
   require(o.eval_iters >= 0, "--eval-iters must not be negative");
-  require(o.eval_capacity_factor >= 0, "--moe-eval-capacity-factor must not be negative");
+  require(std::isfinite(o.eval_capacity_factor) && o.eval_capacity_factor >= 0,
+          "--moe-eval-capacity-factor must be a finite number, not negative");
   require(o.threads >= 0, "--threads must not be negative");
   return o;
 }

@@ -37,21 +37,10 @@ int resolve_vocab(int requested, const TokenStream& stream) {
 
 }  // namespace
 
-Trainer::Trainer(const TrainOptions& options, Communicator& world)
-    : options_(options), world_(world), is_root_(world.rank() == 0) {
-  if (options_.tensor_parallel != 1 || options_.expert_parallel != 1)
-    throw UsageError("tensor and expert parallelism need the distributed build (--tensor-model-"
-                     "parallel-size and --expert-model-parallel-size must be 1 here)");
+Trainer::Trainer(const TrainOptions& options, int world_size, int world_rank)
+    : options_(options), is_root_(world_rank == 0) {
   if (options_.threads > 0) omp_set_num_threads(options_.threads);
   backend_ = make_backend(options_.device);
-
-  const int dp = world.size();
-  if (options_.global_batch_size == 0) options_.global_batch_size = options_.micro_batch_size * dp;
-  batch_.global_batch_size = options_.global_batch_size;
-  batch_.micro_batch_size = options_.micro_batch_size;
-  batch_.dp_size = dp;
-  batch_.dp_rank = world.rank();
-  batch_.validate();
 
   TokenStream stream = load_tokens(options_.data_path, options_.data_format);
   options_.model.vocab_size = resolve_vocab(options_.model.vocab_size, stream);
@@ -69,6 +58,23 @@ Trainer::Trainer(const TrainOptions& options, Communicator& world)
   }
   options_.model.validate();
 
+  // The layout is checked once, before any work; every rank reaches the same verdict.
+  const ModelConfig& m = options_.model;
+  dims_ = ParallelDims::build(world_size, world_rank, options_.tensor_parallel,
+                              options_.expert_parallel, m.num_attention_heads, m.ffn_hidden_size,
+                              m.num_experts, options_.micro_batch_size, options_.global_batch_size);
+  if ((options_.micro_batch_size * options_.seq_length) % dims_.tp != 0)
+    throw UsageError("--tensor-model-parallel-size " + std::to_string(dims_.tp) +
+                     " must divide the tokens of a micro-batch (" +
+                     std::to_string(options_.micro_batch_size * options_.seq_length) + ")");
+  options_.global_batch_size = dims_.global_batch_size;
+  groups_ = world_size > 1 ? make_process_groups(dims_) : make_single_process_groups();
+  batch_.global_batch_size = dims_.global_batch_size;
+  batch_.micro_batch_size = options_.micro_batch_size;
+  batch_.dp_size = dims_.dp;
+  batch_.dp_rank = dims_.dp_rank;
+  batch_.validate();
+
   DataLoaderOptions data_options;
   data_options.seq_length = options_.seq_length;
   data_options.valid_fraction = options_.valid_fraction;
@@ -76,10 +82,15 @@ Trainer::Trainer(const TrainOptions& options, Communicator& world)
   data_options.seed = options_.seed;
   data_ = std::make_unique<DataLoader>(std::move(stream), data_options);
 
-  layout_ = std::make_unique<ParamLayout>(options_.model);
+  layout_ = std::make_unique<ParamLayout>(options_.model, dims_.tp_rank, dims_.tp,
+                                          dims_.first_expert(m.num_experts),
+                                          dims_.num_local_experts(m.num_experts));
   model_ = std::make_unique<GptModel>(*backend_, options_.model, *layout_,
-                                      options_.micro_batch_size, options_.seq_length);
+                                      options_.micro_batch_size, options_.seq_length,
+                                      ModelGroups{*groups_.tp, *groups_.ep, *groups_.world});
   optimizer_ = std::make_unique<AdamW>(*backend_, *layout_, options_.adamw);
+  grad_sync_ = std::make_unique<GradientSync>(
+      *backend_, *layout_, dims_, GradGroups{*groups_.dp, *groups_.world, *groups_.expert_dp});
 
   std::vector<float> initial(layout_->total_floats(), 0.0f);
   if (!options_.init_from.empty())
@@ -129,9 +140,13 @@ IterationMetrics Trainer::train_iteration(int64_t iteration) {
     const int64_t first_window = static_cast<int64_t>(batch_.dp_rank) * batch_.windows_per_rank() +
                                  static_cast<int64_t>(micro) * B;
     routing.first_token = first_window * T;
-    const ForwardLosses losses =
-        model_->forward(inputs_.data(), targets_.data(), B, T, routing, world_);
-    model_->backward(scales);
+    const ForwardLosses losses = model_->forward(inputs_.data(), targets_.data(), B, T, routing);
+    // On the last micro-step each block's gradients are final as soon as its backward ends:
+    // their reduction starts then and overlaps the rest of backward.
+    if (micro + 1 == num_micro)
+      model_->backward(scales, [&](int layer) { grad_sync_->start_block(model_->grads(), layer); });
+    else
+      model_->backward(scales);
     m.lm_loss += losses.lm_loss / num_micro;
     m.load_balancing_loss += losses.load_balancing_loss / num_micro;
     m.z_loss += losses.z_loss / num_micro;
@@ -144,18 +159,15 @@ IterationMetrics Trainer::train_iteration(int64_t iteration) {
       }
     }
   }
-  // lm_loss is a mean over ranks; the routing statistics were already global.
-  world_.allreduce_sum(&m.lm_loss, 1);
-  m.lm_loss /= world_.size();
+  // lm_loss is a mean over data-parallel replicas (tp ranks of a replica agree); the routing
+  // statistics were already global.
+  groups_.dp->allreduce_sum(&m.lm_loss, 1);
+  m.lm_loss /= dims_.dp;
   m.dropped_fraction = choices > 0 ? 1.0 - kept / choices : 0.0;
 
-  // Average the gradients over data-parallel ranks, then one global norm.
   const size_t n = layout_->total_floats();
-  if (world_.size() > 1) {
-    world_.allreduce_sum(model_->grads(), n);
-    backend_->scale(model_->grads(), 1.0f / world_.size(), n);
-  }
-  m.grad_norm = std::sqrt(backend_->sum_squares(model_->grads(), n));
+  grad_sync_->finish(model_->grads());
+  m.grad_norm = grad_sync_->global_norm(model_->grads());
   m.lr = options_.schedule.at(iteration);
   m.skipped = !std::isfinite(m.grad_norm) || !std::isfinite(m.lm_loss);
   if (!m.skipped) {
@@ -175,29 +187,23 @@ double Trainer::evaluate() {
   RoutingOptions routing;
   routing.capacity_factor = options_.eval_capacity_factor;
   routing.drop_policy = options_.drop_policy;
-  // Validation batches are dealt round-robin over ranks; each rank sums its token losses.
+  // Validation batches are dealt round-robin over data-parallel replicas. Every rank runs the
+  // same number of forwards (expert parallelism exchanges tokens in each): a replica with no
+  // batch left repeats batch 0 and ignores the result.
   int64_t batches = data_->num_valid_batches(B);
   if (options_.eval_iters > 0) batches = std::min(batches, options_.eval_iters);
-  const int64_t my_batches = (batches - world_.rank() + world_.size() - 1) / world_.size();
-  int64_t max_batches = my_batches;
-  {
-    int value = static_cast<int>(my_batches);
-    world_.allreduce_max(&value, 1);
-    max_batches = value;
-  }
+  const int64_t rounds = (batches + dims_.dp - 1) / dims_.dp;
   double sums[2] = {0.0, 0.0};  // loss sum, target tokens
-  auto self = make_self_communicator();
-  for (int64_t i = 0; i < max_batches; ++i) {
-    const int64_t batch = i * world_.size() + world_.rank();
-    if (batch >= batches) continue;
-    const int rows = data_->fill_valid_batch(inputs_.data(), targets_.data(), batch, B);
-    // Evaluation routes each rank's batch on its own: its statistics are not logged.
-    const ForwardLosses losses =
-        model_->forward(inputs_.data(), targets_.data(), rows, T, routing, *self);
+  for (int64_t round = 0; round < rounds; ++round) {
+    const int64_t batch = round * dims_.dp + dims_.dp_rank;
+    const bool real = batch < batches;
+    const int rows = data_->fill_valid_batch(inputs_.data(), targets_.data(), real ? batch : 0, B);
+    const ForwardLosses losses = model_->forward(inputs_.data(), targets_.data(), rows, T, routing);
+    if (!real) continue;
     sums[0] += losses.lm_loss * rows * T;
     sums[1] += static_cast<double>(rows) * T;
   }
-  world_.allreduce_sum(sums, 2);
+  groups_.dp->allreduce_sum(sums, 2);
   return sums[1] > 0 ? sums[0] / sums[1] : 0.0;
 }
 
@@ -261,7 +267,7 @@ int Trainer::run() {
                 options_.model.hidden_size, layout_->total_floats(),
                 static_cast<long long>(data_->num_train_windows()),
                 static_cast<long long>(data_->num_valid_windows()), options_.seq_length,
-                world_.size(), omp_get_max_threads());
+                dims_.world, omp_get_max_threads());
     std::fflush(stdout);
   }
   int skipped_in_a_row = 0;
@@ -278,7 +284,7 @@ int Trainer::run() {
     }
     skipped_in_a_row = m.skipped ? skipped_in_a_row + 1 : 0;
     if (skipped_in_a_row > options_.max_skipped_iters)
-      throw RuntimeError("rank " + std::to_string(world_.rank()) + ": " +
+      throw RuntimeError("rank " + std::to_string(dims_.world_rank) + ": " +
                          std::to_string(skipped_in_a_row) +
                          " iterations in a row had a non-finite loss or gradient; stopping");
     if (options_.eval_interval > 0 && iteration % options_.eval_interval == 0 &&
@@ -290,10 +296,9 @@ int Trainer::run() {
     write_eval_metrics(last, evaluate());
   if (!options_.export_safetensors.empty()) {
     std::vector<float> values = host_params();
-    if (is_root_) {
-      export_safetensors(options_.export_safetensors, options_.model, *layout_, values.data());
-      std::printf("wrote %s\n", options_.export_safetensors.c_str());
-    }
+    export_safetensors_gathered(options_.export_safetensors, options_.model, *layout_,
+                                values.data(), dims_, *groups_.world);
+    if (is_root_) std::printf("wrote %s\n", options_.export_safetensors.c_str());
   }
   return 0;
 }
@@ -316,7 +321,9 @@ int run_evaluation(const EvalOptions& options) {
 
   auto backend = make_cpu_backend();
   ParamLayout layout(config);
-  GptModel model(*backend, config, layout, options.micro_batch_size, T);
+  auto self = make_self_communicator();
+  GptModel model(*backend, config, layout, options.micro_batch_size, T,
+                 ModelGroups{*self, *self, *self});
   {
     std::vector<float> values(layout.total_floats(), 0.0f);
     import_safetensors(options.model_path, layout, values.data());
@@ -325,7 +332,6 @@ int run_evaluation(const EvalOptions& options) {
   RoutingOptions routing;
   routing.capacity_factor = options.eval_capacity_factor;
   routing.drop_policy = options.drop_policy;
-  auto self = make_self_communicator();
   std::vector<int32_t> inputs(static_cast<size_t>(options.micro_batch_size) * T), targets(inputs.size());
   int64_t batches = data.num_valid_batches(options.micro_batch_size);
   if (options.eval_iters > 0) batches = std::min(batches, options.eval_iters);
@@ -334,7 +340,7 @@ int run_evaluation(const EvalOptions& options) {
   for (int64_t batch = 0; batch < batches; ++batch) {
     const int rows = data.fill_valid_batch(inputs.data(), targets.data(), batch,
                                            options.micro_batch_size);
-    const ForwardLosses losses = model.forward(inputs.data(), targets.data(), rows, T, routing, *self);
+    const ForwardLosses losses = model.forward(inputs.data(), targets.data(), rows, T, routing);
     loss_sum += losses.lm_loss * rows * T;
     tokens += static_cast<double>(rows) * T;
   }

@@ -13,9 +13,12 @@
 
 #include "core/backend.h"
 #include "dist/communicator.h"
+#include "dist/parallel_dims.h"
+#include "dist/process_groups.h"
 #include "launcher/data.h"
 #include "launcher/options.h"
 #include "model/gpt.h"
+#include "model/grad_sync.h"
 #include "model/optimizer.h"
 
 namespace moe {
@@ -37,7 +40,8 @@ struct IterationMetrics {
 
 class Trainer {
  public:
-  Trainer(const TrainOptions& options, Communicator& world);
+  // Builds the parallel layout from the world (ParallelDims validates it) and its groups.
+  Trainer(const TrainOptions& options, int world_size, int world_rank);
   ~Trainer();
   // Trains to --train-iters (or --exit-interval); returns the process exit status.
   int run();
@@ -47,6 +51,7 @@ class Trainer {
   // Mean cross-entropy per target token over the held-out windows (or --eval-iters batches).
   double evaluate();
   GptModel& model() { return *model_; }
+  const ParallelDims& dims() const { return dims_; }
   const ParamLayout& layout() const { return *layout_; }
   // The parameters on the host.  (layout.total_floats())
   std::vector<float> host_params();
@@ -57,7 +62,8 @@ class Trainer {
   void write_eval_metrics(int64_t iteration, double val_loss);
 
   TrainOptions options_;
-  Communicator& world_;
+  ParallelDims dims_;
+  ProcessGroups groups_;
   bool is_root_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<DataLoader> data_;
@@ -65,6 +71,7 @@ class Trainer {
   std::unique_ptr<ParamLayout> layout_;
   std::unique_ptr<GptModel> model_;
   std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<GradientSync> grad_sync_;
   int64_t optimizer_steps_ = 0;
   std::ofstream metrics_;
   std::vector<int32_t> inputs_, targets_;  // (micro_batch, T) host staging

@@ -7,12 +7,14 @@
 namespace moe {
 
 GptModel::GptModel(Backend& backend, const ModelConfig& config, const ParamLayout& layout,
-                   int max_batch, int max_seq)
-    : backend_(backend), config_(config), layout_(layout), max_batch_(max_batch),
-      max_seq_(max_seq) {
+                   int max_batch, int max_seq, const ModelGroups& groups)
+    : backend_(backend), config_(config), layout_(layout), groups_(groups),
+      max_batch_(max_batch), max_seq_(max_seq), tp_(groups.tp.size()),
+      C_local_(config.hidden_size / tp_), NH_local_(config.num_attention_heads / tp_),
+      F_local_(config.ffn_hidden_size / tp_) {
+  MOE_CHECK(layout.tp_size() == tp_, "parameter layout and tensor-parallel group disagree");
   const size_t BT = static_cast<size_t>(max_batch) * max_seq, C = config.hidden_size,
-               F = config.ffn_hidden_size, V = config.vocab_size,
-               NH = config.num_attention_heads;
+               V = config.vocab_size, CL = C_local_, F = F_local_, NH = NH_local_;
   const size_t att_size = static_cast<size_t>(max_batch) * NH * max_seq * max_seq;
   params_ = Buffer<float>(backend, layout.total_floats());
   grads_ = Buffer<float>(backend, layout.total_floats());
@@ -28,9 +30,9 @@ GptModel::GptModel(Backend& backend, const ModelConfig& config, const ParamLayou
     a.ln1 = Buffer<float>(backend, BT * C);
     a.ln1_mean = Buffer<float>(backend, BT);
     a.ln1_rstd = Buffer<float>(backend, BT);
-    a.qkv = Buffer<float>(backend, BT * 3 * C);
+    a.qkv = Buffer<float>(backend, BT * 3 * CL);
     a.att = Buffer<float>(backend, att_size);
-    a.atty = Buffer<float>(backend, BT * C);
+    a.atty = Buffer<float>(backend, BT * CL);
     a.attproj = Buffer<float>(backend, BT * C);
     a.res2 = Buffer<float>(backend, BT * C);
     a.ln2 = Buffer<float>(backend, BT * C);
@@ -50,7 +52,7 @@ GptModel::GptModel(Backend& backend, const ModelConfig& config, const ParamLayou
   for (int l : switch_layer_ids_) {
     SwitchShape shape{static_cast<int>(BT), config.hidden_size, config.ffn_hidden_size,
                       config.num_experts, config.moe_router_topk, l};
-    switch_layers_.emplace_back(backend, shape);
+    switch_layers_.emplace_back(backend, shape, SwitchGroups{groups.tp, groups.ep, groups.stats});
   }
   lnf_ = Buffer<float>(backend, BT * C);
   lnf_mean_ = Buffer<float>(backend, BT);
@@ -59,8 +61,8 @@ GptModel::GptModel(Backend& backend, const ModelConfig& config, const ParamLayou
   losses_BT_ = Buffer<float>(backend, BT);
   dres_ = Buffer<float>(backend, BT * C);
   dln_ = Buffer<float>(backend, BT * C);
-  datty_ = Buffer<float>(backend, BT * C);
-  dqkv_ = Buffer<float>(backend, BT * 3 * C);
+  datty_ = Buffer<float>(backend, BT * CL);
+  dqkv_ = Buffer<float>(backend, BT * 3 * CL);
   dfch_gelu_ = Buffer<float>(backend, BT * F);
   dfch_ = Buffer<float>(backend, BT * F);
   datt_ = Buffer<float>(backend, att_size);
@@ -77,12 +79,14 @@ SwitchGrads GptModel::switch_grads(int layer) const {
 }
 
 ForwardLosses GptModel::forward(const int* inputs_host, const int* targets_host, int B, int T,
-                                const RoutingOptions& routing, Communicator& stats_group) {
+                                const RoutingOptions& routing) {
   MOE_CHECK(B <= max_batch_ && T <= max_seq_, "micro-batch larger than the model was sized for");
   B_ = B;
   T_ = T;
-  const int N = B * T, C = config_.hidden_size, F = config_.ffn_hidden_size,
-            V = config_.vocab_size, NH = config_.num_attention_heads;
+  const int N = B * T, C = config_.hidden_size, V = config_.vocab_size, CL = C_local_,
+            F = F_local_, NH = NH_local_;
+  // Row-parallel projections add their bias once: on tp rank 0, before the all-reduce.
+  const bool adds_bias = groups_.tp.rank() == 0;
   backend_.copy_from_host(inputs_BT_.data(), inputs_host, sizeof(int) * N);
   backend_.embedding_forward(encoded_.data(), inputs_BT_.data(), p_.wte, p_.wpe, B, T, C);
 
@@ -94,10 +98,11 @@ ForwardLosses GptModel::forward(const int* inputs_host, const int* targets_host,
     // x += attn(ln_1(x))
     backend_.layernorm_forward(a.ln1.data(), a.ln1_mean.data(), a.ln1_rstd.data(), residual,
                                w.ln1_w, w.ln1_b, N, C);
-    backend_.linear_forward(a.qkv.data(), a.ln1.data(), w.qkv_w, w.qkv_b, N, C, 3 * C);
-    backend_.attention_forward(a.atty.data(), a.att.data(), a.qkv.data(), B, T, C, NH);
-    backend_.linear_forward(a.attproj.data(), a.atty.data(), w.attn_proj_w, w.attn_proj_b, N, C,
-                            C);
+    backend_.linear_forward(a.qkv.data(), a.ln1.data(), w.qkv_w, w.qkv_b, N, C, 3 * CL);
+    backend_.attention_forward(a.atty.data(), a.att.data(), a.qkv.data(), B, T, CL, NH);
+    backend_.linear_forward(a.attproj.data(), a.atty.data(), w.attn_proj_w,
+                            adds_bias ? w.attn_proj_b : nullptr, N, CL, C);
+    if (tp_ > 1) groups_.tp.allreduce_sum(a.attproj.data(), static_cast<size_t>(N) * C);
     backend_.add(a.res2.data(), residual, a.attproj.data(), static_cast<size_t>(N) * C);
     // x += ffn(ln_2(x))
     backend_.layernorm_forward(a.ln2.data(), a.ln2_mean.data(), a.ln2_rstd.data(),
@@ -106,10 +111,12 @@ ForwardLosses GptModel::forward(const int* inputs_host, const int* targets_host,
     if (s < 0) {
       backend_.linear_forward(a.fch.data(), a.ln2.data(), w.fc_w, w.fc_b, N, C, F);
       backend_.gelu_forward(a.fch_gelu.data(), a.fch.data(), static_cast<size_t>(N) * F);
-      backend_.linear_forward(a.ffn_out.data(), a.fch_gelu.data(), w.proj_w, w.proj_b, N, F, C);
+      backend_.linear_forward(a.ffn_out.data(), a.fch_gelu.data(), w.proj_w,
+                              adds_bias ? w.proj_b : nullptr, N, F, C);
+      if (tp_ > 1) groups_.tp.allreduce_sum(a.ffn_out.data(), static_cast<size_t>(N) * C);
     } else {
       SwitchLayer& moe = switch_layers_[s];
-      moe.forward(a.ffn_out.data(), a.ln2.data(), switch_weights(l), N, routing, stats_group);
+      moe.forward(a.ffn_out.data(), a.ln2.data(), switch_weights(l), N, routing);
       losses.load_balancing_loss += moe.stats().load_balancing_loss(config_.moe_router_topk);
       losses.z_loss += moe.stats().z_loss();
     }
@@ -133,9 +140,11 @@ ForwardLosses GptModel::forward(const int* inputs_host, const int* targets_host,
   return losses;
 }
 
-void GptModel::backward(const LossScales& scales) {
-  const int B = B_, T = T_, N = B * T, C = config_.hidden_size, F = config_.ffn_hidden_size,
-            V = config_.vocab_size, NH = config_.num_attention_heads;
+void GptModel::backward(const LossScales& scales,
+                        const std::function<void(int layer)>& layer_done) {
+  const int B = B_, T = T_, N = B * T, C = config_.hidden_size, V = config_.vocab_size,
+            CL = C_local_, F = F_local_, NH = NH_local_;
+  const size_t NC = static_cast<size_t>(N) * C;
   // lm_loss is a mean over the micro-batch's tokens.
   backend_.crossentropy_backward(logits_BTV_.data(), logits_BTV_.data(), targets_BT_.data(),
                                  scales.lm / N, N, V);
@@ -164,6 +173,7 @@ void GptModel::backward(const LossScales& scales) {
                              static_cast<size_t>(N) * F);
       backend_.linear_backward(dln_.data(), g.fc_w, g.fc_b, dfch_.data(), a.ln2.data(), w.fc_w,
                                N, C, F);
+      if (tp_ > 1) groups_.tp.allreduce_sum(dln_.data(), NC);  // each rank saw F' of F
     } else {
       switch_layers_[s].backward(dln_.data(), switch_grads(l), dres_.data(), a.ln2.data(),
                                  switch_weights(l), scales.aux, scales.z);
@@ -173,15 +183,17 @@ void GptModel::backward(const LossScales& scales) {
     // dres holds d(res2); res2 = res1 + attn(ln_1(res1)).
     datty_.zero();
     backend_.linear_backward(datty_.data(), g.attn_proj_w, g.attn_proj_b, dres_.data(),
-                             a.atty.data(), w.attn_proj_w, N, C, C);
+                             a.atty.data(), w.attn_proj_w, N, CL, C);
     dqkv_.zero();
     backend_.attention_backward(dqkv_.data(), datt_.data(), datty_.data(), a.qkv.data(),
-                                a.att.data(), B, T, C, NH);
+                                a.att.data(), B, T, CL, NH);
     dln_.zero();
     backend_.linear_backward(dln_.data(), g.qkv_w, g.qkv_b, dqkv_.data(), a.ln1.data(), w.qkv_w,
-                             N, C, 3 * C);
+                             N, C, 3 * CL);
+    if (tp_ > 1) groups_.tp.allreduce_sum(dln_.data(), NC);  // each rank saw NH' of NH heads
     backend_.layernorm_backward(dres_.data(), g.ln1_w, g.ln1_b, dln_.data(), residual, w.ln1_w,
                                 a.ln1_mean.data(), a.ln1_rstd.data(), N, C);
+    if (layer_done) layer_done(l);
   }
   backend_.embedding_backward(g_.wte, g_.wpe, dres_.data(), inputs_BT_.data(), B, T, C);
 }

@@ -1,8 +1,14 @@
 // The GPT-2-style decoder with Switch layers (DESIGN.md, Model): forward and backward of one
 // micro-batch through the backend interface. Parameters and gradients are two flat buffers
 // with one ParamLayout; activations are sized once for the largest micro-batch.
+//
+// Tensor parallelism follows Megatron: c_attn and c_fc are split by output rows (attention by
+// heads), the projections after them by input columns, with one all-reduce over tp after each
+// projection in forward and one after each split input layer in backward. LayerNorms,
+// embeddings and the tied logits are replicated. C' = C/tp, NH' = NH/tp, F' = F/tp.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -29,10 +35,17 @@ struct LossScales {
   float z = 0.0f;
 };
 
+// The process groups the model talks to; all self communicators on one rank.
+struct ModelGroups {
+  Communicator& tp;     // tensor-parallel partners (same tokens, different shards)
+  Communicator& ep;     // expert-parallel partners (token exchange)
+  Communicator& stats;  // every rank of a micro-step (routing statistics)
+};
+
 class GptModel {
  public:
   GptModel(Backend& backend, const ModelConfig& config, const ParamLayout& layout,
-           int max_batch, int max_seq);
+           int max_batch, int max_seq, const ModelGroups& groups);
 
   const ModelConfig& config() const { return config_; }
   const ParamLayout& layout() const { return layout_; }
@@ -45,9 +58,11 @@ class GptModel {
   // logits readable through logits().
   ForwardLosses forward(const int* inputs_host,   // (B, T)
                         const int* targets_host,  // (B, T) or nullptr
-                        int B, int T, const RoutingOptions& routing, Communicator& stats_group);
-  // Accumulates the gradients of the last forward (which must have had targets).
-  void backward(const LossScales& scales);
+                        int B, int T, const RoutingOptions& routing);
+  // Accumulates the gradients of the last forward (which must have had targets). When given,
+  // layer_done(l) runs as soon as block l's gradients are final, so that their reduction can
+  // start while the rest of backward runs.
+  void backward(const LossScales& scales, const std::function<void(int layer)>& layer_done = {});
 
   const float* logits() const { return logits_BTV_.data(); }  // (B, T, V)
   // The Switch layers in model order (index i is the i-th Switch layer).
@@ -59,16 +74,16 @@ class GptModel {
     Buffer<float> ln1;       // (B, T, C)
     Buffer<float> ln1_mean;  // (B, T)
     Buffer<float> ln1_rstd;  // (B, T)
-    Buffer<float> qkv;       // (B, T, 3C)
-    Buffer<float> att;       // (B, NH, T, T)
-    Buffer<float> atty;      // (B, T, C)
+    Buffer<float> qkv;       // (B, T, 3C')
+    Buffer<float> att;       // (B, NH', T, T)
+    Buffer<float> atty;      // (B, T, C')
     Buffer<float> attproj;   // (B, T, C)
     Buffer<float> res2;      // (B, T, C) residual after attention
     Buffer<float> ln2;       // (B, T, C)
     Buffer<float> ln2_mean;  // (B, T)
     Buffer<float> ln2_rstd;  // (B, T)
-    Buffer<float> fch;       // (B, T, F) dense layers only
-    Buffer<float> fch_gelu;  // (B, T, F) dense layers only
+    Buffer<float> fch;       // (B, T, F') dense layers only
+    Buffer<float> fch_gelu;  // (B, T, F') dense layers only
     Buffer<float> ffn_out;   // (B, T, C)
     Buffer<float> res3;      // (B, T, C) the block's output
   };
@@ -78,7 +93,10 @@ class GptModel {
   Backend& backend_;
   ModelConfig config_;
   ParamLayout layout_;
+  ModelGroups groups_;
   int max_batch_, max_seq_;
+  int tp_;                 // tensor-parallel size
+  int C_local_, NH_local_, F_local_;  // C', NH', F'
   int B_ = 0, T_ = 0;  // shape of the last forward
 
   Buffer<float> params_;
@@ -102,11 +120,11 @@ class GptModel {
   // backward scratch
   Buffer<float> dres_;        // (B, T, C) gradient of the residual stream
   Buffer<float> dln_;         // (B, T, C)
-  Buffer<float> datty_;       // (B, T, C)
-  Buffer<float> dqkv_;        // (B, T, 3C)
-  Buffer<float> dfch_gelu_;   // (B, T, F)
-  Buffer<float> dfch_;        // (B, T, F)
-  Buffer<float> datt_;        // (B, NH, T, T)
+  Buffer<float> datty_;       // (B, T, C')
+  Buffer<float> dqkv_;        // (B, T, 3C')
+  Buffer<float> dfch_gelu_;   // (B, T, F')
+  Buffer<float> dfch_;        // (B, T, F')
+  Buffer<float> datt_;        // (B, NH', T, T)
 };
 
 }  // namespace moe

@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "dist/communicator.h"
+#include "dist/parallel_dims.h"
 #include "model/config.h"
 #include "model/parameters.h"
 
@@ -13,6 +15,13 @@ namespace moe {
 // Writes every tensor of `layout` from `host_params` (layout.total_floats()).
 void export_safetensors(const std::string& path, const ModelConfig& config,
                         const ParamLayout& layout, const float* host_params);
+
+// From any parallel layout: every rank sends the tensors it holds the canonical copy of
+// (holds_canonical_copy) to world rank 0, which assembles the unsharded tensors and writes one
+// file. Collective over `world`.
+void export_safetensors_gathered(const std::string& path, const ModelConfig& config,
+                                 const ParamLayout& layout, const float* host_params,
+                                 const ParallelDims& dims, Communicator& world);
 
 // Reads the config stored in a safetensors file's __metadata__.
 ModelConfig read_safetensors_config(const std::string& path);

@@ -141,7 +141,8 @@ TEST_P(TorchReference, LogitsLossesAndGradientsMatch) {
   const ModelConfig config = read_safetensors_config(weights);
   ParamLayout layout(config);
   auto backend = make_cpu_backend();
-  GptModel model(*backend, config, layout, B, T);
+  auto self = make_self_communicator();
+  GptModel model(*backend, config, layout, B, T, ModelGroups{*self, *self, *self});
   std::vector<float> host(layout.total_floats());
   import_safetensors(weights, layout, host.data());
   backend->copy_from_host(model.params(), host.data(), host.size() * sizeof(float));
@@ -153,16 +154,15 @@ TEST_P(TorchReference, LogitsLossesAndGradientsMatch) {
   RoutingOptions routing;
   routing.capacity_factor = c.capacity_factor;
   routing.drop_policy = std::string(c.policy) == "probs" ? DropPolicy::kProbs : DropPolicy::kPosition;
-  auto self = make_self_communicator();
 
-  model.forward(inputs.data(), nullptr, B, T, routing, *self);
+  model.forward(inputs.data(), nullptr, B, T, routing);
   const size_t num_logits = static_cast<size_t>(B) * T * config.vocab_size;
   const std::vector<float>& ref_logits = ref.expect("logits", {B, T, config.vocab_size});
   const double logits_diff = relative_difference(model.logits(), ref_logits.data(), num_logits);
   std::printf("[%s] logits relative difference %.3e\n", c.name, logits_diff);
   EXPECT_LT(logits_diff, 1e-5);
 
-  const ForwardLosses losses = model.forward(inputs.data(), targets.data(), B, T, routing, *self);
+  const ForwardLosses losses = model.forward(inputs.data(), targets.data(), B, T, routing);
   model.zero_grads();
   model.backward({1.0f, static_cast<float>(aux), static_cast<float>(z)});
   const double lm = ref.at("lm_loss").data[0], lb = ref.at("load_balancing_loss").data[0],
