@@ -28,10 +28,12 @@ double RouterStats::dropped_fraction() const {
   return total > 0 ? 1.0 - kept_total / total : 0.0;
 }
 
-SwitchLayer::SwitchLayer(Backend& backend, const SwitchShape& shape, const SwitchGroups& groups)
+SwitchLayer::SwitchLayer(Backend& backend, const SwitchShape& shape, const SwitchGroups& groups,
+                         PhaseTimes& times)
     : backend_(backend),
       shape_(shape),
       groups_(groups),
+      times_(&times),
       dispatcher_(backend, groups.ep, shape.num_experts) {
   const size_t N = shape.max_tokens, D = shape.hidden, F = shape.ffn, E = shape.num_experts,
                K = shape.top_k, T = (N + groups.tp.size() - 1) / groups.tp.size(), R = T * K,
@@ -142,26 +144,42 @@ void SwitchLayer::forward(float* out, const float* x_ND, const SwitchWeights& w,
   const int T = num_routed_, D = shape_.hidden, F = shape_.ffn, E = shape_.num_experts,
             K = shape_.top_k;
   const float* x = x_ND + static_cast<size_t>(groups_.tp.rank()) * T * D;  // (T, D) my slice
-  route(x, w, options);
-  permute(options);
-
+  {
+    ScopedPhase phase(*times_, Phase::kRouter);
+    route(x, w, options);
+  }
+  {
+    ScopedPhase phase(*times_, Phase::kPermute);
+    permute(options);
+    backend_.gather_rows(x_RD_.data(), x, token_of_row_.data(), num_rows_, D);
+  }
   // Rows to the ranks of their experts, one grouped GEMM pass per projection over the local
   // experts, and back.
-  const int R = num_rows_;
-  backend_.gather_rows(x_RD_.data(), x, token_of_row_.data(), R, D);
-  handle_ = dispatcher_.plan(counts_E_.data());
+  {
+    ScopedPhase phase(*times_, Phase::kAllToAll);
+    handle_ = dispatcher_.plan(counts_E_.data());
+    dispatcher_.dispatch(handle_, x_LD_.data(), x_RD_.data(), D);
+  }
   const int L = handle_.num_local_rows, E_local = dispatcher_.num_local_experts();
   const int* local_offsets = handle_.local_offsets.data();
-  dispatcher_.dispatch(handle_, x_LD_.data(), x_RD_.data(), D);
-  backend_.grouped_linear_forward(h_LF_.data(), x_LD_.data(), w.fc_w, w.fc_b, local_offsets,
-                                  E_local, D, F);
-  backend_.gelu_forward(a_LF_.data(), h_LF_.data(), static_cast<size_t>(L) * F);
-  backend_.grouped_linear_forward(y_LD_.data(), a_LF_.data(), w.proj_w, w.proj_b, local_offsets,
-                                  E_local, F, D);
-  dispatcher_.combine(handle_, y_RD_.data(), y_LD_.data(), D);
-  float* out_TD = tp > 1 ? out_TD_.data() : out;
-  backend_.combine_forward(out_TD, y_RD_.data(), gates_TK_.data(), row_TK_.data(), T, K, D);
-  if (tp > 1) groups_.tp.allgather(out, out_TD, static_cast<size_t>(T) * D);
+  {
+    ScopedPhase phase(*times_, Phase::kExpertGemm);
+    backend_.grouped_linear_forward(h_LF_.data(), x_LD_.data(), w.fc_w, w.fc_b, local_offsets,
+                                    E_local, D, F);
+    backend_.gelu_forward(a_LF_.data(), h_LF_.data(), static_cast<size_t>(L) * F);
+    backend_.grouped_linear_forward(y_LD_.data(), a_LF_.data(), w.proj_w, w.proj_b,
+                                    local_offsets, E_local, F, D);
+  }
+  {
+    ScopedPhase phase(*times_, Phase::kAllToAll);
+    dispatcher_.combine(handle_, y_RD_.data(), y_LD_.data(), D);
+  }
+  {
+    ScopedPhase phase(*times_, Phase::kCombine);
+    float* out_TD = tp > 1 ? out_TD_.data() : out;
+    backend_.combine_forward(out_TD, y_RD_.data(), gates_TK_.data(), row_TK_.data(), T, K, D);
+    if (tp > 1) groups_.tp.allgather(out, out_TD, static_cast<size_t>(T) * D);
+  }
 
   // Statistics for the auxiliary losses, summed over every rank of the micro-step, packed in
   // one buffer so that it is one all-reduce: [prob_sums(E), choices(E), kept(E), S, sum lse^2].
@@ -199,21 +217,38 @@ void SwitchLayer::backward(float* dx_ND, const SwitchGrads& g, const float* dout
 
   // combine -> expert FFN -> dispatch -> gather, in reverse: the backward of combine is
   // dispatch and the backward of dispatch is combine.
-  dy_RD_.zero();
-  dgates_TK_.zero();
-  backend_.combine_backward(dy_RD_.data(), dgates_TK_.data(), dout, y_RD_.data(),
-                            gates_TK_.data(), row_TK_.data(), T, K, D);
-  dispatcher_.dispatch(handle_, dy_LD_.data(), dy_RD_.data(), D);
-  da_LF_.zero();
-  backend_.grouped_linear_backward(da_LF_.data(), g.proj_w, g.proj_b, dy_LD_.data(),
-                                   a_LF_.data(), w.proj_w, local_offsets, E_local, F, D);
-  dh_LF_.zero();
-  backend_.gelu_backward(dh_LF_.data(), h_LF_.data(), da_LF_.data(), static_cast<size_t>(L) * F);
-  dx_LD_.zero();
-  backend_.grouped_linear_backward(dx_LD_.data(), g.fc_w, g.fc_b, dh_LF_.data(), x_LD_.data(),
-                                   w.fc_w, local_offsets, E_local, D, F);
-  dispatcher_.combine(handle_, dx_RD_.data(), dx_LD_.data(), D);
-  backend_.scatter_add_rows(dx, dx_RD_.data(), token_of_row_.data(), R, D);
+  {
+    ScopedPhase phase(*times_, Phase::kCombine);
+    dy_RD_.zero();
+    dgates_TK_.zero();
+    backend_.combine_backward(dy_RD_.data(), dgates_TK_.data(), dout, y_RD_.data(),
+                              gates_TK_.data(), row_TK_.data(), T, K, D);
+  }
+  {
+    ScopedPhase phase(*times_, Phase::kAllToAll);
+    dispatcher_.dispatch(handle_, dy_LD_.data(), dy_RD_.data(), D);
+  }
+  {
+    ScopedPhase phase(*times_, Phase::kExpertGemm);
+    da_LF_.zero();
+    backend_.grouped_linear_backward(da_LF_.data(), g.proj_w, g.proj_b, dy_LD_.data(),
+                                     a_LF_.data(), w.proj_w, local_offsets, E_local, F, D);
+    dh_LF_.zero();
+    backend_.gelu_backward(dh_LF_.data(), h_LF_.data(), da_LF_.data(),
+                           static_cast<size_t>(L) * F);
+    dx_LD_.zero();
+    backend_.grouped_linear_backward(dx_LD_.data(), g.fc_w, g.fc_b, dh_LF_.data(), x_LD_.data(),
+                                     w.fc_w, local_offsets, E_local, D, F);
+  }
+  {
+    ScopedPhase phase(*times_, Phase::kAllToAll);
+    dispatcher_.combine(handle_, dx_RD_.data(), dx_LD_.data(), D);
+  }
+  {
+    ScopedPhase phase(*times_, Phase::kPermute);
+    backend_.scatter_add_rows(dx, dx_RD_.data(), token_of_row_.data(), R, D);
+  }
+  ScopedPhase router_phase(*times_, Phase::kRouter);
 
   // Router: gates -> probs, plus the load-balancing loss, which reaches the router through
   // P_i = mean_t p_ti only: d lb / d p_ti = (E/k) f_i / S. Each rank divides by the tokens of

@@ -19,6 +19,7 @@
 
 #include "core/backend.h"
 #include "core/buffer.h"
+#include "core/phase_times.h"
 #include "dist/communicator.h"
 #include "experts/dispatcher.h"
 
@@ -83,7 +84,10 @@ struct RouterStats {
 
 class SwitchLayer {
  public:
-  SwitchLayer(Backend& backend, const SwitchShape& shape, const SwitchGroups& groups);
+  // `times` receives the wall time of each phase (router, permute, all-to-all, expert GEMM,
+  // combine) of every forward and backward.
+  SwitchLayer(Backend& backend, const SwitchShape& shape, const SwitchGroups& groups,
+              PhaseTimes& times);
 
   // out = sum over kept choices of g * expert(x), for all N tokens. The routing statistics are
   // summed over the stats group, so the losses do not depend on the layout.
@@ -111,6 +115,7 @@ class SwitchLayer {
   Backend& backend_;
   SwitchShape shape_;
   SwitchGroups groups_;
+  PhaseTimes* times_;
   ExpertDispatcher dispatcher_;
   DispatchHandle handle_;
   int num_tokens_ = 0;   // N

@@ -52,7 +52,8 @@ GptModel::GptModel(Backend& backend, const ModelConfig& config, const ParamLayou
   for (int l : switch_layer_ids_) {
     SwitchShape shape{static_cast<int>(BT), config.hidden_size, config.ffn_hidden_size,
                       config.num_experts, config.moe_router_topk, l};
-    switch_layers_.emplace_back(backend, shape, SwitchGroups{groups.tp, groups.ep, groups.stats});
+    switch_layers_.emplace_back(backend, shape, SwitchGroups{groups.tp, groups.ep, groups.stats},
+                                phase_times_);
   }
   lnf_ = Buffer<float>(backend, BT * C);
   lnf_mean_ = Buffer<float>(backend, BT);

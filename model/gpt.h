@@ -14,6 +14,7 @@
 
 #include "core/backend.h"
 #include "core/buffer.h"
+#include "core/phase_times.h"
 #include "dist/communicator.h"
 #include "experts/switch_layer.h"
 #include "model/config.h"
@@ -65,6 +66,8 @@ class GptModel {
   void backward(const LossScales& scales, const std::function<void(int layer)>& layer_done = {});
 
   const float* logits() const { return logits_BTV_.data(); }  // (B, T, V)
+  // Wall time per phase of the Switch layers since the last reset.
+  PhaseTimes& phase_times() { return phase_times_; }
   // The Switch layers in model order (index i is the i-th Switch layer).
   std::vector<SwitchLayer>& switch_layers() { return switch_layers_; }
   const std::vector<int>& switch_layer_ids() const { return switch_layer_ids_; }
@@ -108,6 +111,7 @@ class GptModel {
   Buffer<int> targets_BT_;    // (B, T)
   Buffer<float> encoded_;     // (B, T, C)
   std::vector<LayerActivations> layers_;
+  PhaseTimes phase_times_;
   std::vector<SwitchLayer> switch_layers_;
   std::vector<int> switch_index_of_layer_;  // (L) index into switch_layers_, -1 if dense
   std::vector<int> switch_layer_ids_;       // model layer of each Switch layer
