@@ -35,7 +35,10 @@ void parse_or_usage_error(Fn&& fn) {
 bool parse_into(int argc, char** argv, const po::options_description& desc, const char* usage,
                 po::variables_map& vm) {
   parse_or_usage_error([&] {
-    po::store(po::command_line_parser(argc, argv).options(desc).run(), vm);
+    // No positional arguments: a stray word is an error, not silently ignored.
+    const po::positional_options_description no_positionals;
+    po::store(po::command_line_parser(argc, argv).options(desc).positional(no_positionals).run(),
+              vm);
     if (vm.count("help")) return;
     if (vm.count("config")) {
       const std::string path = vm["config"].as<std::string>();

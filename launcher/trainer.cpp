@@ -82,6 +82,18 @@ Trainer::Trainer(const TrainOptions& options, int world_size, int world_rank)
   data_options.seed = options_.seed;
   data_ = std::make_unique<DataLoader>(std::move(stream), data_options);
 
+  // --load: the checkpoint must be complete and match this run, checked before any work.
+  std::string checkpoint_dir;
+  CheckpointInfo checkpoint;
+  if (!options_.load_dir.empty()) {
+    if (!options_.init_from.empty())
+      throw UsageError(
+          "--load and --init-from exclude each other: a checkpoint holds its own weights");
+    checkpoint_dir = find_checkpoint(options_.load_dir);
+    checkpoint = read_checkpoint_info(checkpoint_dir);
+    check_resumable(checkpoint, options_.model, resume_options(), checkpoint_dir);
+  }
+
   layout_ = std::make_unique<ParamLayout>(options_.model, dims_.tp_rank, dims_.tp,
                                           dims_.first_expert(m.num_experts),
                                           dims_.num_local_experts(m.num_experts));
@@ -92,17 +104,22 @@ Trainer::Trainer(const TrainOptions& options, int world_size, int world_rank)
   grad_sync_ = std::make_unique<GradientSync>(
       *backend_, *layout_, dims_, GradGroups{*groups_.dp, *groups_.world, *groups_.expert_dp});
 
-  std::vector<float> initial(layout_->total_floats(), 0.0f);
-  if (!options_.init_from.empty())
-    import_safetensors(options_.init_from, *layout_, initial.data());
-  else
-    initialize_parameters(*layout_, options_.seed, options_.init_scale, initial.data());
-  backend_->copy_from_host(model_->params(), initial.data(), initial.size() * sizeof(float));
+  if (!checkpoint_dir.empty()) {
+    resume_from(checkpoint_dir, checkpoint);
+  } else {
+    std::vector<float> initial(layout_->total_floats(), 0.0f);
+    if (!options_.init_from.empty())
+      import_safetensors(options_.init_from, *layout_, initial.data());
+    else
+      initialize_parameters(*layout_, options_.seed, options_.init_scale, initial.data());
+    backend_->copy_from_host(model_->params(), initial.data(), initial.size() * sizeof(float));
+  }
 
   inputs_.resize(static_cast<size_t>(options_.micro_batch_size) * options_.seq_length);
   targets_.resize(inputs_.size());
   if (is_root_ && !options_.metrics_file.empty()) {
-    metrics_.open(options_.metrics_file, std::ios::trunc);
+    // A resumed run continues the file of the run it resumes.
+    metrics_.open(options_.metrics_file, checkpoint_dir.empty() ? std::ios::trunc : std::ios::app);
     if (!metrics_) throw RuntimeError("--metrics-file: cannot write " + options_.metrics_file);
   }
 }
@@ -113,6 +130,56 @@ std::vector<float> Trainer::host_params() {
   std::vector<float> values(layout_->total_floats());
   backend_->copy_to_host(values.data(), model_->params(), values.size() * sizeof(float));
   return values;
+}
+
+std::map<std::string, std::string> Trainer::resume_options() const {
+  // Which windows an iteration reads and every random draw are pure functions of these and
+  // the iteration (DESIGN.md, Data and Router), so a checkpoint stores no data position or
+  // RNG state: a run that changed one of them would not continue the saved one.
+  return {{"seed", std::to_string(options_.seed)},
+          {"global_batch_size", std::to_string(dims_.global_batch_size)},
+          {"seq_length", std::to_string(options_.seq_length)},
+          {"data_order", std::string(data_order_name(options_.data_order))},
+          {"train_windows", std::to_string(data_->num_train_windows())}};
+}
+
+void Trainer::write_checkpoint(int64_t iteration) {
+  const size_t n = layout_->total_floats();
+  std::vector<float> params = host_params(), exp_avg(n), exp_avg_sq(n);
+  backend_->copy_to_host(exp_avg.data(), optimizer_->m(), n * sizeof(float));
+  backend_->copy_to_host(exp_avg_sq.data(), optimizer_->v(), n * sizeof(float));
+  CheckpointInfo info;
+  info.iteration = iteration;
+  info.optimizer_steps = optimizer_steps_;
+  info.config = options_.model;
+  info.training = resume_options();
+  save_checkpoint(options_.save_dir, info, *layout_, dims_,
+                  {params.data(), exp_avg.data(), exp_avg_sq.data()}, *groups_.world,
+                  options_.keep_checkpoints);
+  if (is_root_) {
+    std::printf("saved checkpoint %s/%s\n", options_.save_dir.c_str(),
+                checkpoint_name(iteration).c_str());
+    std::fflush(stdout);
+  }
+}
+
+void Trainer::resume_from(const std::string& checkpoint_dir, const CheckpointInfo& info) {
+  const size_t n = layout_->total_floats();
+  std::vector<float> params(n, 0.0f), exp_avg(n, 0.0f), exp_avg_sq(n, 0.0f);
+  load_checkpoint(checkpoint_dir, info, *layout_, dims_,
+                  {params.data(), exp_avg.data(), exp_avg_sq.data()}, *groups_.world);
+  backend_->copy_from_host(model_->params(), params.data(), n * sizeof(float));
+  backend_->copy_from_host(optimizer_->m(), exp_avg.data(), n * sizeof(float));
+  backend_->copy_from_host(optimizer_->v(), exp_avg_sq.data(), n * sizeof(float));
+  optimizer_steps_ = info.optimizer_steps;
+  resumed_iteration_ = info.iteration;
+  if (is_root_) {
+    std::printf("resumed from %s at iteration %lld (%lld optimizer steps; saved with tp %d, "
+                "dp %d, ep %d)\n",
+                checkpoint_dir.c_str(), static_cast<long long>(info.iteration),
+                static_cast<long long>(info.optimizer_steps), info.tp, info.dp, info.ep);
+    std::fflush(stdout);
+  }
 }
 
 IterationMetrics Trainer::train_iteration(int64_t iteration) {
@@ -274,7 +341,7 @@ int Trainer::run() {
   const int64_t last = options_.exit_interval > 0
                            ? std::min(options_.exit_interval, options_.train_iters)
                            : options_.train_iters;
-  for (int64_t iteration = 1; iteration <= last; ++iteration) {
+  for (int64_t iteration = resumed_iteration_ + 1; iteration <= last; ++iteration) {
     const IterationMetrics m = train_iteration(iteration);
     if (is_root_) {
       write_metrics(m);
@@ -290,6 +357,11 @@ int Trainer::run() {
     if (options_.eval_interval > 0 && iteration % options_.eval_interval == 0 &&
         data_->num_valid_windows() > 0)
       write_eval_metrics(iteration, evaluate());
+    // The last iteration is the end of training or --exit-interval: save either way.
+    const bool at_interval =
+        options_.save_interval > 0 && iteration % options_.save_interval == 0;
+    if (!options_.save_dir.empty() && (at_interval || iteration == last))
+      write_checkpoint(iteration);
   }
   const bool evaluated_last = options_.eval_interval > 0 && last % options_.eval_interval == 0;
   if (data_->num_valid_windows() > 0 && !evaluated_last && last > 0)
@@ -305,10 +377,19 @@ int Trainer::run() {
 
 int run_evaluation(const EvalOptions& options) {
   if (options.threads > 0) omp_set_num_threads(options.threads);
-  if (options.model_path.empty())
-    throw UsageError("moe-eval --load needs checkpoints, which this build does not write yet; "
-                     "use --model FILE.safetensors");
-  const ModelConfig config = read_safetensors_config(options.model_path);
+  if (!options.model_path.empty() && !options.load_dir.empty())
+    throw UsageError("moe-eval takes --model or --load, not both");
+  // The weights: one safetensors file, or a checkpoint's rank files assembled into the full model.
+  std::string checkpoint_dir;
+  CheckpointInfo checkpoint;
+  ModelConfig config;
+  if (options.model_path.empty()) {
+    checkpoint_dir = find_checkpoint(options.load_dir);
+    checkpoint = read_checkpoint_info(checkpoint_dir);
+    config = checkpoint.config;
+  } else {
+    config = read_safetensors_config(options.model_path);
+  }
   const int T = options.seq_length > 0 ? options.seq_length : config.max_position_embeddings;
   if (T > config.max_position_embeddings)
     throw UsageError("--seq-length " + std::to_string(T) + " exceeds the model's " +
@@ -326,7 +407,10 @@ int run_evaluation(const EvalOptions& options) {
                  ModelGroups{*self, *self, *self});
   {
     std::vector<float> values(layout.total_floats(), 0.0f);
-    import_safetensors(options.model_path, layout, values.data());
+    if (checkpoint_dir.empty())
+      import_safetensors(options.model_path, layout, values.data());
+    else
+      load_checkpoint(checkpoint_dir, checkpoint, layout, ParallelDims{}, {values.data()}, *self);
     backend->copy_from_host(model.params(), values.data(), values.size() * sizeof(float));
   }
   RoutingOptions routing;

@@ -8,7 +8,9 @@
 
 #include <cstdint>
 #include <fstream>
+#include <map>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "core/backend.h"
@@ -17,6 +19,7 @@
 #include "dist/process_groups.h"
 #include "launcher/data.h"
 #include "launcher/options.h"
+#include "model/checkpoint.h"
 #include "model/gpt.h"
 #include "model/grad_sync.h"
 #include "model/optimizer.h"
@@ -40,11 +43,16 @@ struct IterationMetrics {
 
 class Trainer {
  public:
-  // Builds the parallel layout from the world (ParallelDims validates it) and its groups.
+  // Builds the parallel layout from the world (ParallelDims validates it) and its groups;
+  // with --load, resumes from the checkpoint (on this layout or any other).
   Trainer(const TrainOptions& options, int world_size, int world_rank);
   ~Trainer();
-  // Trains to --train-iters (or --exit-interval); returns the process exit status.
+  // Trains from the iteration after the loaded one to --train-iters (or --exit-interval),
+  // saving checkpoints with --save; returns the process exit status.
   int run();
+  // The iteration the loaded checkpoint ended at (0 without --load), and AdamW's step count.
+  int64_t resumed_iteration() const { return resumed_iteration_; }
+  int64_t optimizer_steps() const { return optimizer_steps_; }
 
   // One training iteration (1-based), for tests.
   IterationMetrics train_iteration(int64_t iteration);
@@ -60,6 +68,10 @@ class Trainer {
   void log_progress(const IterationMetrics& m) const;
   void write_metrics(const IterationMetrics& m);
   void write_eval_metrics(int64_t iteration, double val_loss);
+  // The options a resumed run must share with the saving one (see checkpoint.h).
+  std::map<std::string, std::string> resume_options() const;
+  void write_checkpoint(int64_t iteration);
+  void resume_from(const std::string& checkpoint_dir, const CheckpointInfo& info);
 
   TrainOptions options_;
   ParallelDims dims_;
@@ -73,6 +85,7 @@ class Trainer {
   std::unique_ptr<AdamW> optimizer_;
   std::unique_ptr<GradientSync> grad_sync_;
   int64_t optimizer_steps_ = 0;
+  int64_t resumed_iteration_ = 0;
   std::ofstream metrics_;
   std::vector<int32_t> inputs_, targets_;  // (micro_batch, T) host staging
 };
