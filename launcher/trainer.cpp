@@ -194,6 +194,7 @@ IterationMetrics Trainer::train_iteration(int64_t iteration) {
   double kept = 0, choices = 0;
   const LossScales scales{1.0f / num_micro, static_cast<float>(options_.aux_loss_coeff / num_micro),
                           static_cast<float>(options_.z_loss_coeff / num_micro)};
+  model_->phase_times().reset();  // evaluation forwards since the last iteration don't count
   model_->zero_grads();
   for (int micro = 0; micro < num_micro; ++micro) {
     data_->fill_train_batch(inputs_.data(), targets_.data(), iteration, batch_, micro);
@@ -233,7 +234,10 @@ IterationMetrics Trainer::train_iteration(int64_t iteration) {
   m.dropped_fraction = choices > 0 ? 1.0 - kept / choices : 0.0;
 
   const size_t n = layout_->total_floats();
-  grad_sync_->finish(model_->grads());
+  {
+    ScopedPhase phase(model_->phase_times(), Phase::kGradReduce);
+    grad_sync_->finish(model_->grads());
+  }
   m.grad_norm = grad_sync_->global_norm(model_->grads());
   m.lr = options_.schedule.at(iteration);
   m.skipped = !std::isfinite(m.grad_norm) || !std::isfinite(m.lm_loss);
@@ -245,6 +249,15 @@ IterationMetrics Trainer::train_iteration(int64_t iteration) {
   backend_->synchronize();
   const double seconds = seconds_since(start);
   m.ms_per_iter = seconds * 1e3;
+  // Where the iteration went; "rest" is attention, dense layers, embeddings and the optimizer.
+  double phases_ms = 0;
+  for (int p = 0; p < static_cast<int>(Phase::kCount); ++p) {
+    const double ms = model_->phase_times().ms(static_cast<Phase>(p));
+    m.time_breakdown_ms.emplace_back(phase_name(static_cast<Phase>(p)), ms);
+    phases_ms += ms;
+  }
+  m.time_breakdown_ms.emplace_back("rest", m.ms_per_iter - phases_ms);
+  model_->phase_times().reset();
   m.tokens_per_sec = static_cast<double>(batch_.global_batch_size) * T / seconds;
   return m;
 }
@@ -300,6 +313,8 @@ void Trainer::log_progress(const IterationMetrics& m) const {
 
 void Trainer::write_metrics(const IterationMetrics& m) {
   if (!metrics_.is_open()) return;
+  nlohmann::json breakdown = nlohmann::json::object();
+  for (const auto& [phase, ms] : m.time_breakdown_ms) breakdown[phase] = ms;
   nlohmann::json line = {{"iteration", m.iteration},
                          {"lm_loss", m.lm_loss},
                          {"load_balancing_loss", m.load_balancing_loss},
@@ -308,6 +323,7 @@ void Trainer::write_metrics(const IterationMetrics& m) {
                          {"lr", m.lr},
                          {"tokens_per_sec", m.tokens_per_sec},
                          {"ms_per_iter", m.ms_per_iter},
+                         {"time_breakdown_ms", breakdown},
                          {"dropped_fraction", m.dropped_fraction},
                          {"expert_load", m.expert_load},
                          {"skipped", m.skipped}};

@@ -11,6 +11,8 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
+#include <string>
 #include <vector>
 
 #include "core/backend.h"
@@ -39,6 +41,7 @@ struct IterationMetrics {
   double dropped_fraction = 0;
   std::vector<std::vector<double>> expert_load;  // (Switch layers, E) choices per expert
   bool skipped = false;            // a non-finite loss or gradient: no update
+  std::vector<std::pair<std::string, double>> time_breakdown_ms;  // per phase, then "rest"
 };
 
 class Trainer {

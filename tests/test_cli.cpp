@@ -362,6 +362,7 @@ class Cli : public ::testing::Test {
       json object = json::parse(line);
       object.erase("tokens_per_sec");
       object.erase("ms_per_iter");
+      object.erase("time_breakdown_ms");
       lines.push_back(object);
     }
     return lines;
