@@ -643,16 +643,26 @@ TEST_P(Collectives, GatherBytesOfDifferentSizesOnEveryRoot) {
 }
 
 TEST_P(Collectives, BarrierWaitsForTheLastRank) {
-  using Clock = std::chrono::steady_clock;
+  // All ranks share this machine's clock: nobody may leave the barrier before the last rank
+  // entered it. Comparing timestamps (not durations) stays exact however the ranks are
+  // scheduled on a loaded machine.
+  auto now_us = [] {
+    return static_cast<long long>(std::chrono::duration_cast<std::chrono::microseconds>(
+                                      std::chrono::system_clock::now().time_since_epoch())
+                                      .count());
+  };
   comm_->barrier();  // line up
-  const auto start = Clock::now();
-  if (rank_ == size_ - 1) std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  comm_->barrier();
-  const double waited_ms =
-      std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-  if (size_ > 1) {
-    EXPECT_GE(waited_ms, 100.0) << "left the barrier before the last rank came";
+  long long last_arrival_us = 0;
+  if (rank_ == size_ - 1) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    last_arrival_us = now_us();
   }
+  comm_->barrier();
+  const long long left_us = now_us();
+  comm_->broadcast(&last_arrival_us, sizeof last_arrival_us, size_ - 1);
+  std::printf("rank %d left the barrier %.3f ms after the last rank arrived\n", rank_,
+              (left_us - last_arrival_us) / 1e3);
+  EXPECT_GE(left_us, last_arrival_us) << "left the barrier before the last rank came";
 }
 
 TEST_P(Collectives, CountsBeyondMpiIntAreARuntimeErrorNamingTheRank) {

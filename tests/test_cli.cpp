@@ -57,8 +57,9 @@ std::vector<std::string> child_environment() {
         launcher_var = launcher_var || var.rfind(prefix, 0) == 0;
       if (!launcher_var) vars.push_back(var);
     }
-    // Each child is its own one-rank job; an isolated singleton starts in half the time.
-    vars.push_back("OMPI_MCA_ess_singleton_isolated=1");
+    // Each child is its own one-rank job with its own orted. (Isolated singletons start faster
+    // but all share the session directory of job family 0, and children started together race
+    // on creating it: "mkdir ... File exists".)
     return vars;
   }();
   return snapshot;
