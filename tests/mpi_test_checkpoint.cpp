@@ -24,23 +24,15 @@
 #include "launcher/trainer.h"
 #include "model/checkpoint.h"
 #include "model/safetensors.h"
+#include "tests/mpi_testing.h"
 
 namespace moe {
 namespace {
 
 namespace fs = std::filesystem;
 
-int world_rank() {
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  return rank;
-}
-
-int world_size() {
-  int size = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  return size;
-}
+using moe::testing::world_rank;
+using moe::testing::world_size;
 
 void barrier() { MPI_Barrier(MPI_COMM_WORLD); }
 

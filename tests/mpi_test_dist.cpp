@@ -23,21 +23,13 @@
 #include "dist/communicator.h"
 #include "dist/parallel_dims.h"
 #include "dist/process_groups.h"
+#include "tests/mpi_testing.h"
 
 namespace moe {
 namespace {
 
-int world_rank() {
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  return rank;
-}
-
-int world_size() {
-  int size = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  return size;
-}
+using moe::testing::world_rank;
+using moe::testing::world_size;
 
 // The largest |got - want| seen by this rank; report() takes the max over every rank (a
 // collective over the world, so every rank must reach it) and prints it once.

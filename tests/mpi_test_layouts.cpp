@@ -41,21 +41,13 @@
 #include "launcher/trainer.h"
 #include "model/safetensors.h"
 #include "model/weights_io.h"
+#include "tests/mpi_testing.h"
 
 namespace moe {
 namespace {
 
-int world_rank() {
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  return rank;
-}
-
-int world_size() {
-  int size = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  return size;
-}
+using moe::testing::world_rank;
+using moe::testing::world_size;
 
 void print0(const char* format, const std::string& text) {
   if (world_rank() == 0) {
