@@ -4,9 +4,7 @@
 // must exit 2 with one line on stderr.
 #include <fcntl.h>
 #include <gtest/gtest.h>
-#include <poll.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -21,7 +19,8 @@
 #include "core/error.h"
 #include "launcher/launch_command.h"
 
-extern char** environ;
+#include "tests/subprocess.h"
+
 
 namespace moe {
 namespace {
@@ -211,102 +210,8 @@ TEST(LaunchHealth, LossTrendAndFailedRank) {
 // ---------------------------------------------------------------------------------------------
 // The real executable (the approach of test_cli.cpp: posix_spawn, own process group, timeout)
 
-// The environment children get, without the MPI variables this (singleton MPI) test process
-// has: a child that inherited them would try to join this process's job.
-const std::vector<std::string>& child_environment() {
-  static const std::vector<std::string> snapshot = [] {
-    std::vector<std::string> vars;
-    for (char** e = environ; *e != nullptr; ++e) {
-      const std::string var = *e;
-      bool launcher_var = false;
-      for (const char* prefix : {"OMPI_", "PMIX_", "ORTE_", "PMI_"})
-        launcher_var = launcher_var || var.rfind(prefix, 0) == 0;
-      if (!launcher_var) vars.push_back(var);
-    }
-    return vars;
-  }();
-  return snapshot;
-}
-const bool kEnvironmentTaken = !child_environment().empty();
-
-struct Result {
-  std::string out, err;
-  int status = -1;
-  bool timed_out = false;
-};
-
-std::ostream& operator<<(std::ostream& os, const Result& r) {
-  return os << "\n  status: " << r.status << (r.timed_out ? " (timed out)" : "")
-            << "\n  stdout: " << r.out.substr(r.out.size() > 3000 ? r.out.size() - 3000 : 0)
-            << "\n  stderr: " << r.err.substr(0, 3000);
-}
-
-Result run(const std::vector<std::string>& argv, double timeout_seconds) {
-  Result r;
-  int out_pipe[2], err_pipe[2];
-  if (pipe2(out_pipe, O_CLOEXEC) != 0 || pipe2(err_pipe, O_CLOEXEC) != 0) return r;
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_adddup2(&actions, out_pipe[1], 1);
-  posix_spawn_file_actions_adddup2(&actions, err_pipe[1], 2);
-  posix_spawnattr_t attributes;
-  posix_spawnattr_init(&attributes);
-  posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETPGROUP);
-  posix_spawnattr_setpgroup(&attributes, 0);
-  std::vector<char*> args;
-  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-  args.push_back(nullptr);
-  std::vector<char*> envp;
-  for (const std::string& e : child_environment()) envp.push_back(const_cast<char*>(e.c_str()));
-  envp.push_back(nullptr);
-  pid_t pid = -1;
-  const int spawn_error = posix_spawn(&pid, args[0], &actions, &attributes, args.data(), envp.data());
-  posix_spawn_file_actions_destroy(&actions);
-  posix_spawnattr_destroy(&attributes);
-  close(out_pipe[1]);
-  close(err_pipe[1]);
-  if (spawn_error != 0) {
-    close(out_pipe[0]);
-    close(err_pipe[0]);
-    r.err = "posix_spawn failed: " + std::string(std::strerror(spawn_error));
-    return r;
-  }
-  using Clock = std::chrono::steady_clock;
-  const auto deadline = Clock::now() + std::chrono::duration<double>(timeout_seconds);
-  pollfd fds[2] = {{out_pipe[0], POLLIN, 0}, {err_pipe[0], POLLIN, 0}};
-  std::string* sinks[2] = {&r.out, &r.err};
-  int open_fds = 2;
-  while (open_fds > 0) {
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-    if (left.count() <= 0) {
-      r.timed_out = true;
-      kill(-pid, SIGKILL);
-      break;
-    }
-    if (poll(fds, 2, static_cast<int>(std::min<int64_t>(left.count(), 200))) < 0 && errno != EINTR)
-      break;
-    for (int i = 0; i < 2; ++i) {
-      if (fds[i].fd < 0 || !(fds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
-      char buffer[4096];
-      const ssize_t n = read(fds[i].fd, buffer, sizeof buffer);
-      if (n > 0) {
-        sinks[i]->append(buffer, static_cast<size_t>(n));
-      } else if (n == 0 || errno != EINTR) {
-        close(fds[i].fd);
-        fds[i].fd = -1;
-        --open_fds;
-      }
-    }
-  }
-  for (pollfd& fd : fds)
-    if (fd.fd >= 0) close(fd.fd);
-  int wait_status = 0;
-  while (waitpid(pid, &wait_status, 0) < 0 && errno == EINTR) {
-  }
-  if (WIFEXITED(wait_status)) r.status = WEXITSTATUS(wait_status);
-  return r;
-}
+using moe::testing::Result;
+using moe::testing::run;
 
 TEST(LaunchExecutable, SingleNodeTestOfTwoRanksIsHealthy) {
   const std::filesystem::path dir = std::filesystem::temp_directory_path() /
