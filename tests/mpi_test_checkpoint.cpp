@@ -99,20 +99,9 @@ class CheckpointTest : public ::testing::Test {
   // A tiny Switch model (2 layers, the second one 4 experts), dropless, 6 iterations of 8
   // windows. Jitter is on: its draws are pure functions of (seed, iteration), as resuming needs.
   TrainOptions options(const Layout& layout) const {
-    TrainOptions o;
-    o.model.num_layers = 2;
-    o.model.hidden_size = 32;
-    o.model.num_attention_heads = 4;
-    o.model.ffn_hidden_size = 64;
-    o.model.num_experts = 4;
-    o.model.moe_layer_freq = 2;
-    o.model.moe_router_topk = 1;
-    o.model.vocab_size = 256;
-    o.model.max_position_embeddings = 16;
-    o.seq_length = 16;
+    TrainOptions o = moe::testing::tiny_train_options();
     o.micro_batch_size = 2;
     o.global_batch_size = 8;
-    o.capacity_factor = 0.0;
     o.eval_capacity_factor = 0.0;
     o.jitter_eps = 0.01;
     o.train_iters = 6;
@@ -122,9 +111,7 @@ class CheckpointTest : public ::testing::Test {
     o.tensor_parallel = layout.tp;
     o.expert_parallel = layout.ep;
     o.data_path = (fs::path(dir_) / "data.txt").string();
-    o.valid_fraction = 0.0;
     o.log_interval = 1000;
-    o.threads = 1;
     return o;
   }
 

@@ -24,6 +24,7 @@
 #include "dist/parallel_dims.h"
 #include "dist/process_groups.h"
 #include "tests/mpi_testing.h"
+#include "tests/expect_error.h"
 
 namespace moe {
 namespace {
@@ -67,21 +68,7 @@ std::string at(std::string what, int64_t index) {
   return what;
 }
 
-// The message of the `Error` that `action` throws; a test failure if it throws nothing or
-// something else.
-template <typename Error, typename Action>
-std::string error_message(Action&& action) {
-  try {
-    action();
-  } catch (const Error& error) {
-    return error.what();
-  } catch (const std::exception& other) {
-    ADD_FAILURE() << "threw the wrong type: " << other.what();
-    return "";
-  }
-  ADD_FAILURE() << "threw nothing";
-  return "";
-}
+using moe::testing::error_message;
 
 // Messages reach the user as one line on stderr, naming the flag and the numbers.
 void expect_one_line_naming(const std::string& message, const std::vector<std::string>& names) {

@@ -507,18 +507,7 @@ void write_text(const std::string& path, size_t bytes) {
 }
 
 TrainOptions tiny_options(const std::string& data_path, int tp, int ep, int micro, int global) {
-  TrainOptions o;
-  o.model.num_layers = 2;
-  o.model.hidden_size = 32;
-  o.model.num_attention_heads = 4;
-  o.model.ffn_hidden_size = 64;
-  o.model.num_experts = 4;
-  o.model.moe_layer_freq = 2;
-  o.model.moe_router_topk = 1;
-  o.model.vocab_size = 256;
-  o.model.max_position_embeddings = 16;
-  o.seq_length = 16;
-  o.capacity_factor = 0.0;  // dropless
+  TrainOptions o = moe::testing::tiny_train_options();
   o.aux_loss_coeff = 0.01;
   o.z_loss_coeff = 0.001;
   o.seed = 1234;
@@ -535,8 +524,6 @@ TrainOptions tiny_options(const std::string& data_path, int tp, int ep, int micr
   o.data_path = data_path;
   o.data_format = DataFormat::kBytes;
   o.data_order = DataOrder::kSequential;
-  o.valid_fraction = 0.0;
-  o.threads = 1;
   return o;
 }
 

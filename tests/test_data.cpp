@@ -17,27 +17,16 @@
 #include "core/error.h"
 #include "core/random.h"
 #include "launcher/data.h"
+#include "tests/expect_error.h"
 
 namespace moe {
 namespace {
 
-const char* kRealShard = "/work/shared/data/tinyshakespeare_gpt2_val.bin";
+// ../shared sits beside the checkout (shared/README.md), wherever the checkout is.
+const std::string kRealShard =
+    std::string(MOE_SOURCE_DIR) + "/../shared/data/tinyshakespeare_gpt2_val.bin";
 
-// The message of the `Error` that `action` throws; a test failure if it throws nothing or
-// something else.
-template <typename Error, typename Action>
-std::string error_message(Action&& action) {
-  try {
-    action();
-  } catch (const Error& error) {
-    return error.what();
-  } catch (const std::exception& other) {
-    ADD_FAILURE() << "threw the wrong type: " << other.what();
-    return "";
-  }
-  ADD_FAILURE() << "threw nothing";
-  return "";
-}
+using moe::testing::error_message;
 
 // Messages reach the user as one line on stderr.
 void expect_one_line_naming(const std::string& message, const std::string& name) {
