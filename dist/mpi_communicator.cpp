@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "dist/communicator.h"
+#include "dist/watchdog.h"
 
 namespace moe {
 namespace {
@@ -17,9 +18,11 @@ class MpiCommunicator final : public Communicator {
   struct MpiPending final : PendingCollective {
     explicit MpiPending(const MpiCommunicator* owner) : owner(owner) {}
     ~MpiPending() override {
+      const WatchedCollective watch("all-reduce (wait)");
       if (request != MPI_REQUEST_NULL) MPI_Wait(&request, MPI_STATUS_IGNORE);
     }
     void wait() override {
+      const WatchedCollective watch("all-reduce (wait)");
       owner->check(MPI_Wait(&request, MPI_STATUS_IGNORE), "all-reduce (wait)");
     }
     const MpiCommunicator* owner;
@@ -38,19 +41,23 @@ class MpiCommunicator final : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   void allreduce_sum(float* data, size_t count) override {
+    const WatchedCollective watch("all-reduce");
     check(MPI_Allreduce(MPI_IN_PLACE, data, checked_count(count), MPI_FLOAT, MPI_SUM, comm_),
           "all-reduce");
   }
   void allreduce_sum(double* data, size_t count) override {
+    const WatchedCollective watch("all-reduce");
     check(MPI_Allreduce(MPI_IN_PLACE, data, checked_count(count), MPI_DOUBLE, MPI_SUM, comm_),
           "all-reduce");
   }
   void allreduce_sum(long long* data, size_t count) override {
+    const WatchedCollective watch("all-reduce");
     check(MPI_Allreduce(MPI_IN_PLACE, data, checked_count(count), MPI_LONG_LONG, MPI_SUM,
                         comm_),
           "all-reduce");
   }
   void allreduce_max(int* data, size_t count) override {
+    const WatchedCollective watch("all-reduce");
     check(MPI_Allreduce(MPI_IN_PLACE, data, checked_count(count), MPI_INT, MPI_MAX, comm_),
           "all-reduce");
   }
@@ -62,11 +69,13 @@ class MpiCommunicator final : public Communicator {
     return pending;
   }
   void allgather(float* recv, const float* send, size_t count) override {
+    const WatchedCollective watch("all-gather");
     check(MPI_Allgather(send, checked_count(count), MPI_FLOAT, recv, checked_count(count),
                         MPI_FLOAT, comm_),
           "all-gather");
   }
   void reduce_scatter_sum(float* recv, const float* send, size_t count) override {
+    const WatchedCollective watch("reduce-scatter");
     check(MPI_Reduce_scatter_block(send, recv, checked_count(count), MPI_FLOAT, MPI_SUM, comm_),
           "reduce-scatter");
   }
@@ -82,16 +91,19 @@ class MpiCommunicator final : public Communicator {
       soff += send_counts[p];
       roff += recv_counts[p];
     }
+    const WatchedCollective watch("all-to-all");
     check(MPI_Alltoallv(send, scounts.data(), sdispls.data(), MPI_FLOAT, recv, rcounts.data(),
                         rdispls.data(), MPI_FLOAT, comm_),
           "all-to-all");
   }
   void alltoall(int* recv, const int* send, size_t per_peer) override {
+    const WatchedCollective watch("all-to-all (counts)");
     check(MPI_Alltoall(send, checked_count(per_peer), MPI_INT, recv, checked_count(per_peer),
                        MPI_INT, comm_),
           "all-to-all (counts)");
   }
   std::vector<std::vector<char>> gather_bytes(const void* data, size_t bytes, int root) override {
+    const WatchedCollective watch("gather");
     int mine = checked_count(bytes);
     std::vector<int> sizes(rank_ == root ? size_ : 0);
     check(MPI_Gather(&mine, 1, MPI_INT, sizes.data(), 1, MPI_INT, root, comm_), "gather (sizes)");
@@ -111,9 +123,13 @@ class MpiCommunicator final : public Communicator {
     return out;
   }
   void broadcast(void* data, size_t bytes, int root) override {
+    const WatchedCollective watch("broadcast");
     check(MPI_Bcast(data, checked_count(bytes), MPI_BYTE, root, comm_), "broadcast");
   }
-  void barrier() override { check(MPI_Barrier(comm_), "barrier"); }
+  void barrier() override {
+    const WatchedCollective watch("barrier");
+    check(MPI_Barrier(comm_), "barrier");
+  }
 
  private:
   // MPI counts are int: a larger message is an error, not a silent truncation.
@@ -147,6 +163,7 @@ std::unique_ptr<Communicator> make_mpi_world_communicator() {
 
 std::unique_ptr<Communicator> make_mpi_split_communicator(int color, int key) {
   MPI_Comm comm;
+  const WatchedCollective watch("communicator split");
   if (MPI_Comm_split(MPI_COMM_WORLD, color, key, &comm) != MPI_SUCCESS)
     throw RuntimeError("MPI_Comm_split failed");
   return std::make_unique<MpiCommunicator>(comm, true);

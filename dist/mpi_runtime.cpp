@@ -2,6 +2,8 @@
 
 #include <mpi.h>
 
+#include "dist/watchdog.h"
+
 namespace moe {
 
 MpiRuntime::MpiRuntime(int* argc, char*** argv) {
@@ -17,7 +19,10 @@ MpiRuntime::MpiRuntime(int* argc, char*** argv) {
 MpiRuntime::~MpiRuntime() {
   int finalized = 0;
   MPI_Finalized(&finalized);
-  if (!finalized) MPI_Finalize();
+  if (finalized) return;
+  // Finalize synchronises with the other ranks: a dead peer must not hang the exit.
+  const WatchedCollective watch("MPI_Finalize");
+  MPI_Finalize();
 }
 
 }  // namespace moe

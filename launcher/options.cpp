@@ -143,7 +143,8 @@ std::optional<TrainOptions> parse_train_options(int argc, char** argv) {
       ("device", po::value(&o.device)->default_value(o.device), "cpu | cuda")
       ("threads", po::value(&o.threads)->default_value(0), "OpenMP threads per rank; 0: default")
       ("distributed-timeout", po::value(&o.distributed_timeout)->default_value(60.0), "seconds before a stuck collective is an error")
-      ("max-skipped-iters", po::value(&o.max_skipped_iters)->default_value(o.max_skipped_iters), "stop after N non-finite steps in a row");
+      ("max-skipped-iters", po::value(&o.max_skipped_iters)->default_value(o.max_skipped_iters), "stop after N non-finite steps in a row")
+      ("inject-nan-at", po::value(&o.inject_nan_iterations)->multitoken(), "testing: make the last rank's gradient NaN at these iterations");
   po::options_description all;
   all.add(general).add(model).add(training).add(data).add(files).add(runtime);
 
@@ -202,6 +203,8 @@ std::optional<TrainOptions> parse_train_options(int argc, char** argv) {
   require(o.threads >= 0, "--threads must not be negative");
   require(o.distributed_timeout > 0, "--distributed-timeout must be positive");
   require(o.max_skipped_iters >= 0, "--max-skipped-iters must not be negative");
+  for (int64_t iteration : o.inject_nan_iterations)
+    require(iteration >= 1, "--inject-nan-at takes iteration numbers from 1");
   // The model's own checks (heads divide hidden, top-k within the experts); the vocabulary is
   // checked once the data is known.
   ModelConfig check = o.model;
@@ -226,7 +229,8 @@ std::optional<EvalOptions> parse_eval_options(int argc, char** argv) {
       ("eval-iters", po::value(&o.eval_iters)->default_value(0), "batches to evaluate; 0: every window")
       ("moe-eval-capacity-factor", po::value(&o.eval_capacity_factor)->default_value(o.eval_capacity_factor), "0: dropless")
       ("moe-token-drop-policy", po::value(&drop_policy)->default_value(drop_policy), "position | probs")
-      ("threads", po::value(&o.threads)->default_value(0), "OpenMP threads; 0: default");
+      ("threads", po::value(&o.threads)->default_value(0), "OpenMP threads; 0: default")
+      ("dump-routing", po::value(&o.dump_routing), "write a CSV: each token's expert in every Switch layer");
   po::variables_map vm;
   if (!parse_into(argc, argv, desc, "usage: moe-eval --model FILE.safetensors --data-path FILE [options]", vm))
     return std::nullopt;

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "core/backend.h"
 #include "launcher/data.h"
@@ -64,6 +65,10 @@ struct TrainOptions {
   int threads = 0;  // 0: OpenMP's default
   double distributed_timeout = 60.0;
   int max_skipped_iters = 5;
+
+  // fault injection, for the fault-tolerance tests: at these iterations the last rank's
+  // gradient turns non-finite after its reduction, as a rank-local overflow would.
+  std::vector<int64_t> inject_nan_iterations;
 };
 
 struct EvalOptions {
@@ -77,6 +82,7 @@ struct EvalOptions {
   double eval_capacity_factor = 2.0;
   DropPolicy drop_policy = DropPolicy::kPosition;
   int threads = 0;
+  std::string dump_routing;  // --dump-routing FILE: per-token expert choices (launcher/routing_dump.h)
 };
 
 // Parse and validate; nullopt after printing --help. UsageError (exit 2) on a bad flag, an

@@ -10,6 +10,8 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "dist/watchdog.h"
+#include "launcher/stop_signal.h"
 #include "model/weights_io.h"
 
 namespace moe {
@@ -40,6 +42,9 @@ int resolve_vocab(int requested, const TokenStream& stream) {
 Trainer::Trainer(const TrainOptions& options, int world_size, int world_rank)
     : options_(options), is_root_(world_rank == 0) {
   if (options_.threads > 0) omp_set_num_threads(options_.threads);
+  if (world_size > 1)
+    start_collective_watchdog(options_.distributed_timeout, "moe-train", world_rank);
+  install_stop_signal_handlers();
   backend_ = make_backend(options_.device);
 
   TokenStream stream = load_tokens(options_.data_path, options_.data_format);
@@ -89,7 +94,12 @@ Trainer::Trainer(const TrainOptions& options, int world_size, int world_rank)
     if (!options_.init_from.empty())
       throw UsageError(
           "--load and --init-from exclude each other: a checkpoint holds its own weights");
-    checkpoint_dir = find_checkpoint(options_.load_dir);
+    const CheckpointChoice choice = choose_checkpoint(options_.load_dir, *groups_.world);
+    if (is_root_)
+      for (const std::string& line : choice.refused)
+        std::fprintf(stderr, "moe-train: %s; resuming from %s\n", line.c_str(),
+                     choice.dir.c_str());
+    checkpoint_dir = choice.dir;
     checkpoint = read_checkpoint_info(checkpoint_dir);
     check_resumable(checkpoint, options_.model, resume_options(), checkpoint_dir);
   }
@@ -156,9 +166,9 @@ void Trainer::write_checkpoint(int64_t iteration) {
   save_checkpoint(options_.save_dir, info, *layout_, dims_,
                   {params.data(), exp_avg.data(), exp_avg_sq.data()}, *groups_.world,
                   options_.keep_checkpoints);
+  last_saved_ = options_.save_dir + "/" + checkpoint_name(iteration);
   if (is_root_) {
-    std::printf("saved checkpoint %s/%s\n", options_.save_dir.c_str(),
-                checkpoint_name(iteration).c_str());
+    std::printf("saved checkpoint %s\n", last_saved_.c_str());
     std::fflush(stdout);
   }
 }
@@ -238,9 +248,27 @@ IterationMetrics Trainer::train_iteration(int64_t iteration) {
     ScopedPhase phase(model_->phase_times(), Phase::kGradReduce);
     grad_sync_->finish(model_->grads());
   }
+  const bool inject_nan =
+      dims_.world_rank == dims_.world - 1 &&
+      std::count(options_.inject_nan_iterations.begin(), options_.inject_nan_iterations.end(),
+                 iteration) > 0;
+  if (inject_nan) {
+    const float nan = std::nanf("");
+    backend_->copy_from_host(model_->grads(), &nan, sizeof nan);
+  }
   m.grad_norm = grad_sync_->global_norm(model_->grads());
   m.lr = options_.schedule.at(iteration);
-  m.skipped = !std::isfinite(m.grad_norm) || !std::isfinite(m.lm_loss);
+  // Every rank must take the same two decisions: skip this update (a non-finite value on any
+  // rank; the norm alone would miss one in a tensor this rank does not hold canonically) and
+  // stop after this iteration (a signal on any rank). One small all-reduce settles both.
+  const int signal_here = received_stop_signal();
+  int agreed[3] = {!std::isfinite(m.grad_norm) || !std::isfinite(m.lm_loss) ||
+                       !backend_->all_finite(model_->grads(), n),
+                   signal_here, signal_here != 0 ? dims_.world_rank : -1};
+  groups_.world->allreduce_max(agreed, 3);
+  m.skipped = agreed[0] != 0;
+  m.stop_signal = agreed[1];
+  m.stop_signal_rank = agreed[2];
   if (!m.skipped) {
     const double factor = clip_factor(m.grad_norm, options_.clip_grad);
     if (factor < 1.0) backend_->scale(model_->grads(), static_cast<float>(factor), n);
@@ -367,17 +395,36 @@ int Trainer::run() {
     }
     skipped_in_a_row = m.skipped ? skipped_in_a_row + 1 : 0;
     if (skipped_in_a_row > options_.max_skipped_iters)
-      throw RuntimeError("rank " + std::to_string(dims_.world_rank) + ": " +
-                         std::to_string(skipped_in_a_row) +
-                         " iterations in a row had a non-finite loss or gradient; stopping");
+      throw RuntimeError(
+          "rank " + std::to_string(dims_.world_rank) + ": " + std::to_string(skipped_in_a_row) +
+          " iterations in a row had a non-finite loss or gradient (--max-skipped-iters " +
+          std::to_string(options_.max_skipped_iters) + "); stopping at iteration " +
+          std::to_string(iteration) +
+          (last_saved_.empty() ? std::string(" with no checkpoint written")
+                               : "; the last checkpoint is " + last_saved_));
     if (options_.eval_interval > 0 && iteration % options_.eval_interval == 0 &&
         data_->num_valid_windows() > 0)
       write_eval_metrics(iteration, evaluate());
     // The last iteration is the end of training or --exit-interval: save either way.
     const bool at_interval =
         options_.save_interval > 0 && iteration % options_.save_interval == 0;
-    if (!options_.save_dir.empty() && (at_interval || iteration == last))
-      write_checkpoint(iteration);
+    const bool saved = !options_.save_dir.empty() && (at_interval || iteration == last);
+    if (saved) write_checkpoint(iteration);
+    if (m.stop_signal != 0) {
+      if (!options_.save_dir.empty() && !saved) write_checkpoint(iteration);
+      if (is_root_) {
+        std::printf("moe-train: %s on rank %d: stopping after iteration %lld, %s\n",
+                    stop_signal_name(m.stop_signal), m.stop_signal_rank,
+                    static_cast<long long>(iteration),
+                    options_.save_dir.empty()
+                        ? "without a checkpoint (no --save directory)"
+                        : ("checkpoint " + last_saved_ + " saved; resume with --load " +
+                           options_.save_dir)
+                              .c_str());
+        std::fflush(stdout);
+      }
+      return 0;
+    }
   }
   const bool evaluated_last = options_.eval_interval > 0 && last % options_.eval_interval == 0;
   if (data_->num_valid_windows() > 0 && !evaluated_last && last > 0)

@@ -40,7 +40,9 @@ struct IterationMetrics {
   double ms_per_iter = 0;
   double dropped_fraction = 0;
   std::vector<std::vector<double>> expert_load;  // (Switch layers, E) choices per expert
-  bool skipped = false;            // a non-finite loss or gradient: no update
+  bool skipped = false;            // a non-finite loss or gradient on any rank: no update
+  int stop_signal = 0;             // SIGTERM/SIGINT seen by some rank (agreed by all), or 0
+  int stop_signal_rank = -1;       // the highest world rank that saw it
   std::vector<std::pair<std::string, double>> time_breakdown_ms;  // per phase, then "rest"
 };
 
@@ -89,6 +91,7 @@ class Trainer {
   std::unique_ptr<GradientSync> grad_sync_;
   int64_t optimizer_steps_ = 0;
   int64_t resumed_iteration_ = 0;
+  std::string last_saved_;  // the newest checkpoint this run wrote, "" before the first
   std::ofstream metrics_;
   std::vector<int32_t> inputs_, targets_;  // (micro_batch, T) host staging
 };

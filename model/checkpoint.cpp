@@ -10,7 +10,10 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 
+#include "core/durable_file.h"
 #include "core/error.h"
+#include "dist/communicator.h"
+#include "model/checkpoint_manifest.h"
 #include "model/grad_sync.h"
 #include "model/safetensors.h"
 
@@ -21,10 +24,11 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 constexpr const char* kFormat = "moe-trainer checkpoint";
-constexpr int kVersion = 1;
+constexpr int kVersion = 2;  // 2: manifest.json with checksums
 constexpr const char* kComplete = "COMPLETE";
 constexpr const char* kLatest = "latest";
 constexpr const char* kMetadata = "metadata.json";
+constexpr const char* kManifest = "manifest.json";
 
 // The three tensors saved per parameter, by name prefix and where they live in a HostState.
 struct Kind {
@@ -65,22 +69,6 @@ std::vector<std::pair<int64_t, fs::path>> complete_checkpoints(const fs::path& r
   std::sort(found.begin(), found.end(),
             [](const auto& a, const auto& b) { return a.first > b.first; });
   return found;
-}
-
-// Writes path.tmp and renames it over `path`: a reader sees the old file or the new one.
-void write_text_atomically(const fs::path& path, const std::string& text) {
-  const fs::path temp = path.string() + ".tmp";
-  {
-    std::ofstream out(temp, std::ios::trunc);
-    out << text;
-    out.flush();
-    if (!out) throw RuntimeError("cannot write " + temp.string());
-  }
-  std::error_code ec;
-  fs::rename(temp, path, ec);
-  if (ec)
-    throw RuntimeError("cannot rename " + temp.string() + " to " + path.string() + ": " +
-                       ec.message());
 }
 
 // Runs `step` on every rank and agrees on the outcome, so that one rank's failure (a full
@@ -160,6 +148,7 @@ void save_checkpoint(const std::string& save_dir, const CheckpointInfo& info,
     if (ec)
       throw RuntimeError("cannot create checkpoint directory " + dir.string() + ": " +
                          ec.message());
+    sync_path(root.string());  // the new directory's entry survives a crash
   });
 
   // Every rank: its local tensors, and what a differently laid out run needs to place them.
@@ -181,24 +170,39 @@ void save_checkpoint(const std::string& save_dir, const CheckpointInfo& info,
   std::map<std::string, std::string> metadata = info.config.to_metadata();
   metadata["checkpoint"] =
       json{{"iteration", info.iteration}, {"dims", rank_dims}, {"tensors", tensors}}.dump();
+  // Written under a temporary name, synced, renamed: a crash leaves no half file behind.
+  FileDigest digest;
   on_every_rank(world, "writing checkpoint " + dir.string(), [&] {
     std::vector<TensorView> views;
     for (const Kind& kind : kKinds)
       for (const ParamEntry& entry : layout.entries())
         views.push_back({kind.prefix + entry.name, entry.shape, state.*kind.member + entry.offset});
-    write_safetensors((dir / file).string(), metadata, views);
+    write_file_durably((dir / file).string(), [&](const std::string& temp) {
+      write_safetensors(temp, metadata, views);
+    });
+    digest = digest_file((dir / file).string());
   });
 
   // Rank 0, once every file is on disk: metadata.json, the COMPLETE marker, latest, pruning.
   json rank_json = rank_dims;
   for (const char* key : {"world", "tp", "dp", "ep"}) rank_json.erase(key);  // in "layout"
   rank_json["file"] = file;
+  rank_json["digest"] = {{"bytes", digest.bytes}, {"xxh64", digest.xxh64}};
   const std::string packed = rank_json.dump();
   const auto pieces = world.gather_bytes(packed.data(), packed.size(), 0);
   on_every_rank(world, "completing checkpoint " + dir.string(), [&] {
     if (!is_root) return;
     json ranks = json::array();
-    for (const auto& piece : pieces) ranks.push_back(json::parse(piece.begin(), piece.end()));
+    CheckpointManifest manifest;
+    manifest.iteration = info.iteration;
+    for (const auto& piece : pieces) {
+      json rank = json::parse(piece.begin(), piece.end());
+      manifest.files[rank.at("file").get<std::string>()] = {
+          rank.at("digest").at("bytes").get<uint64_t>(),
+          rank.at("digest").at("xxh64").get<std::string>()};
+      rank.erase("digest");
+      ranks.push_back(std::move(rank));
+    }
     json model = json::object();
     for (const auto& [key, value] : info.config.to_metadata()) model[key] = std::stoll(value);
     const json meta = {
@@ -210,9 +214,13 @@ void save_checkpoint(const std::string& save_dir, const CheckpointInfo& info,
         {"layout", {{"world", dims.world}, {"tp", dims.tp}, {"dp", dims.dp}, {"ep", dims.ep}}},
         {"training", info.training},
         {"ranks", ranks}};
-    write_text_atomically(dir / kMetadata, meta.dump(2) + "\n");
-    write_text_atomically(dir / kComplete, "");
-    write_text_atomically(root / kLatest, std::to_string(info.iteration) + "\n");
+    // Every rank file is on disk; the manifest covers them and metadata.json, and the COMPLETE
+    // marker, written last, says the manifest is.
+    write_text_durably((dir / kMetadata).string(), meta.dump(2) + "\n");
+    manifest.files[kMetadata] = digest_file((dir / kMetadata).string());
+    write_text_durably((dir / kManifest).string(), checkpoint_manifest_json(manifest));
+    write_text_durably((dir / kComplete).string(), "");
+    write_text_durably((root / kLatest).string(), std::to_string(info.iteration) + "\n");
     // Keep this one and the newest keep - 1 others: never the one `latest` names, even when
     // the directory holds later iterations of an older run.
     if (keep_checkpoints > 0) {
@@ -228,41 +236,118 @@ void save_checkpoint(const std::string& save_dir, const CheckpointInfo& info,
   });
 }
 
-std::string find_checkpoint(const std::string& load_dir) {
-  const fs::path root(load_dir);
-  auto require_complete = [](const fs::path& dir) {
-    if (!fs::is_directory(dir))
-      throw RuntimeError("checkpoint " + dir.string() + " does not exist");
-    if (!is_complete(dir))
-      throw RuntimeError("checkpoint " + dir.string() +
-                         " is incomplete (no COMPLETE marker: its save was interrupted)");
-    return dir.string();
-  };
-  if (!fs::is_directory(root))
-    throw RuntimeError("checkpoint directory " + load_dir + " does not exist");
-  if (fs::exists(root / kMetadata))
-    return require_complete(root);  // one checkpoint, named directly
+namespace {
 
-  if (fs::exists(root / kLatest)) {
-    std::ifstream in(root / kLatest);
-    int64_t iteration = -1;
-    if (!(in >> iteration) || iteration < 0)
-      throw RuntimeError((root / kLatest).string() + " does not hold an iteration number");
-    return require_complete(root / checkpoint_name(iteration));
-  }
-  const auto found = complete_checkpoints(root);
-  if (found.empty())
-    throw RuntimeError("checkpoint directory " + load_dir + " holds no complete checkpoint");
-  return found.front().second.string();
+std::string read_whole_file(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw RuntimeError("cannot read " + path.string());
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad()) throw RuntimeError("read error in " + path.string());
+  return text;
 }
 
-CheckpointInfo read_checkpoint_info(const std::string& checkpoint_dir) {
-  const std::string path = (fs::path(checkpoint_dir) / kMetadata).string();
-  std::ifstream in(path);
-  if (!in) throw RuntimeError("cannot read " + path);
+// The checkpoints to try for `load_dir`, best first: the one `latest` names, then the older
+// complete-or-not iter_* directories, newest first (a directory named directly: only it).
+std::vector<fs::path> candidate_checkpoints(const fs::path& root) {
+  if (!fs::is_directory(root))
+    throw RuntimeError("checkpoint directory " + root.string() + " does not exist");
+  if (fs::exists(root / kMetadata)) return {root};
+  int64_t latest = -1;
+  if (std::ifstream in(root / kLatest); in && !(in >> latest)) latest = -1;
+  std::vector<std::pair<int64_t, fs::path>> found;
+  std::error_code ec;
+  for (const auto& item : fs::directory_iterator(root, ec)) {
+    const int64_t iteration = iteration_of(item.path().filename().string());
+    if (iteration >= 0 && item.is_directory() && (latest < 0 || iteration <= latest))
+      found.emplace_back(iteration, item.path());
+  }
+  std::sort(found.begin(), found.end(),
+            [](const auto& a, const auto& b) { return a.first > b.first; });
+  std::vector<fs::path> candidates;
+  if (latest >= 0 && (found.empty() || found.front().first != latest))
+    candidates.push_back(root / checkpoint_name(latest));  // named but gone: said as such
+  for (const auto& [iteration, path] : found) candidates.push_back(path);
+  return candidates;
+}
+
+// Why this process finds `dir` unusable, or "": complete, a readable manifest, every file there
+// with its size, and the checksums of the files with index % share_count == share_index.
+std::string check_against_manifest(const fs::path& dir, int share_index, int share_count) {
+  if (!fs::is_directory(dir)) return "does not exist";
+  if (!is_complete(dir)) return "is incomplete (no COMPLETE marker: its save was interrupted)";
+  CheckpointManifest manifest;
+  try {
+    manifest = parse_checkpoint_manifest(read_whole_file(dir / kManifest), kManifest);
+  } catch (const RuntimeError& e) {
+    return std::string("has no valid manifest (") + e.what() + ")";
+  }
+  if (!manifest.files.count(kMetadata)) return "has a manifest that does not list metadata.json";
+  int index = 0;
+  for (const auto& [name, expected] : manifest.files) {
+    const fs::path path = dir / name;
+    std::error_code ec;
+    const auto bytes = fs::file_size(path, ec);
+    if (ec) return "is damaged: " + name + " is missing";
+    if (bytes != expected.bytes)
+      return "is damaged: " + name + " has " + std::to_string(bytes) + " bytes, the manifest says " +
+             std::to_string(expected.bytes);
+    if (index++ % share_count != share_index) continue;
+    try {
+      if (digest_file(path.string()) != expected)
+        return "is damaged: " + name + " does not match its xxh64 checksum in the manifest";
+    } catch (const RuntimeError& e) {
+      return std::string("is damaged: ") + e.what();
+    }
+  }
+  return "";
+}
+
+}  // namespace
+
+CheckpointChoice choose_checkpoint(const std::string& load_dir, Communicator& world) {
+  const fs::path root(load_dir);
+  CheckpointChoice choice;
+  std::vector<fs::path> candidates;
+  on_every_rank(world, "looking for checkpoints in " + load_dir,
+                [&] { candidates = candidate_checkpoints(root); });
+  // Every rank checks its share of the checksums; all agree on the verdict.
+  for (const fs::path& dir : candidates) {
+    std::string problem = check_against_manifest(dir, world.rank(), world.size());
+    int bad_rank_plus_one = problem.empty() ? 0 : world.rank() + 1;
+    world.allreduce_max(&bad_rank_plus_one, 1);
+    if (bad_rank_plus_one == 0) {
+      choice.dir = dir.string();
+      return choice;
+    }
+    // Every rank reports the same reason: the one the highest failing rank found.
+    uint64_t length = problem.size();
+    world.broadcast(&length, sizeof length, bad_rank_plus_one - 1);
+    problem.resize(length);
+    world.broadcast(problem.data(), length, bad_rank_plus_one - 1);
+    choice.refused.push_back("checkpoint " + dir.string() + " " + problem);
+  }
+  std::string why;
+  for (const std::string& line : choice.refused) why += "; " + line;
+  throw RuntimeError(candidates.size() == 1 && fs::exists(root / kMetadata)
+                         ? choice.refused.front()
+                         : "checkpoint directory " + load_dir + " holds no usable checkpoint" +
+                               (why.empty() ? std::string() : why));
+}
+
+std::string find_checkpoint(const std::string& load_dir) {
+  auto self = make_self_communicator();
+  const CheckpointChoice choice = choose_checkpoint(load_dir, *self);
+  for (const std::string& line : choice.refused)
+    std::fprintf(stderr, "warning: %s; using %s\n", line.c_str(), choice.dir.c_str());
+  return choice.dir;
+}
+
+CheckpointInfo parse_checkpoint_info(const std::string& json_text,
+                                     const std::string& name_for_errors) {
+  const std::string& path = name_for_errors;
   CheckpointInfo info;
   try {
-    const json meta = json::parse(in);
+    const json meta = json::parse(json_text);
     if (meta.at("format") != kFormat || meta.at("version") != kVersion)
       throw RuntimeError("not a version " + std::to_string(kVersion) + " checkpoint");
     info.iteration = meta.at("iteration").get<int64_t>();
@@ -290,6 +375,9 @@ CheckpointInfo read_checkpoint_info(const std::string& checkpoint_dir) {
         throw RuntimeError("bad rank file name \"" + saved.file + "\"");
       info.ranks.push_back(std::move(saved));
     }
+    if (info.iteration < 0 || info.optimizer_steps < 0 || info.optimizer_steps > info.iteration)
+      throw RuntimeError("bad iteration " + std::to_string(info.iteration) + " with " +
+                         std::to_string(info.optimizer_steps) + " optimizer steps");
     if (info.world < 1 || info.tp < 1 || info.ep < 1 || info.dp * info.tp != info.world ||
         static_cast<int>(info.ranks.size()) != info.world)
       throw RuntimeError("inconsistent layout (world " + std::to_string(info.world) + ", tp " +
@@ -302,6 +390,11 @@ CheckpointInfo read_checkpoint_info(const std::string& checkpoint_dir) {
     throw RuntimeError(path + ": " + e.what());
   }
   return info;
+}
+
+CheckpointInfo read_checkpoint_info(const std::string& checkpoint_dir) {
+  const fs::path path = fs::path(checkpoint_dir) / kMetadata;
+  return parse_checkpoint_info(read_whole_file(path), path.string());
 }
 
 void check_resumable(const CheckpointInfo& info, const ModelConfig& config,

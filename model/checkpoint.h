@@ -12,8 +12,13 @@
 //                                     "exp_avg_sq/<name>" with their local shapes; __metadata__
 //                                     "checkpoint" is JSON: the rank's dims and, per tensor, its
 //                                     full_shape, shard spec and whether it is an expert
+//   DIR/iter_0000010/manifest.json    size and xxHash64 of every file above (checkpoint_manifest.h)
 //   DIR/iter_0000010/COMPLETE         written by rank 0 after every rank finished: a directory
 //                                     without it is never loaded
+//
+// Every file is written under a temporary name, fsynced and renamed, and the directory fsynced,
+// so a crash at any moment leaves each file whole or absent; a damaged or incomplete newest
+// checkpoint is refused with one line and the previous one is used (choose_checkpoint).
 //
 // Only parameters, the AdamW moments and the step counts are saved: the data position and
 // every random draw (data shuffle, router jitter) are pure functions of the seed and the
@@ -70,13 +75,24 @@ void save_checkpoint(const std::string& save_dir, const CheckpointInfo& info,
                      const ParamLayout& layout, const ParallelDims& dims, const HostState& state,
                      Communicator& world, int keep_checkpoints);
 
-// The checkpoint directory to resume from: `load_dir` itself when it is one checkpoint
-// (holds metadata.json), else the one load_dir/latest names, else the newest complete
-// load_dir/iter_*. RuntimeError naming the directory when it is missing or incomplete.
+// The checkpoint to resume from, and the newer ones passed over. For `load_dir` holding
+// metadata.json: that checkpoint or an error. Otherwise the one load_dir/latest names, or when
+// it is incomplete, missing or damaged, the newest older one that is complete and matches its
+// manifest (every file's size and xxHash64; the ranks share the checksum work). Collective
+// over `world`; every rank gets the same answer. RuntimeError when none is usable.
+struct CheckpointChoice {
+  std::string dir;
+  std::vector<std::string> refused;  // "checkpoint DIR is damaged: ..." per newer one passed over
+};
+CheckpointChoice choose_checkpoint(const std::string& load_dir, Communicator& world);
+
+// choose_checkpoint for one process (moe-eval); each refusal is a warning line on stderr.
 std::string find_checkpoint(const std::string& load_dir);
 
-// Reads checkpoint_dir/metadata.json; RuntimeError naming the file on any problem.
+// metadata.json of a checkpoint; RuntimeError naming the file on any problem.
 CheckpointInfo read_checkpoint_info(const std::string& checkpoint_dir);
+CheckpointInfo parse_checkpoint_info(const std::string& json_text,
+                                     const std::string& name_for_errors);
 
 // UsageError naming the checkpoint and the first field that differs: of the model config, or
 // of the `training` options a resumed run must match.

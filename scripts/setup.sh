@@ -8,9 +8,11 @@ packages=(
   libboost-program-options-dev
   libdnnl-dev
   nlohmann-json3-dev
+  libxxhash-dev
   libgtest-dev googletest
   python3 python3-numpy python3-torch
   gnuplot-nox
+  clang-14 libclang-rt-14-dev libomp-14-dev   # tests/fuzz: libFuzzer, ASan, UBSan runtimes
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -326,35 +326,77 @@ std::string message_of(const std::function<void()>& action) {
   return {};
 }
 
-// (3) A checkpoint without its COMPLETE marker is refused with one line naming it; without
-// `latest` the newest complete one is found; a missing directory and another model are refused.
-TEST_F(CheckpointTest, IncompleteMissingOrForeignCheckpointIsRefused) {
+// Flips one byte in the middle of a file, as a bad disk or a damaged copy would.
+void flip_a_byte(const fs::path& file) {
+  std::fstream io(file, std::ios::in | std::ios::out | std::ios::binary);
+  const auto middle = static_cast<std::streamoff>(fs::file_size(file) / 2);
+  io.seekg(middle);
+  char byte = 0;
+  io.read(&byte, 1);
+  byte = static_cast<char>(byte ^ 0x5a);
+  io.seekp(middle);
+  io.write(&byte, 1);
+}
+
+// (3) The newest checkpoint incomplete (no COMPLETE marker) or damaged (a flipped byte, a
+// truncated file): --load says why in one line and resumes from the previous one. Named
+// directly, a damaged checkpoint is an error; so are a missing directory and another model.
+TEST_F(CheckpointTest, IncompleteOrDamagedNewestCheckpointFallsBackToThePreviousOne) {
   TrainOptions o = options(layouts().front());
   o.save_dir = path("save");
   o.save_interval = 1;
   o.exit_interval = 2;
   train(o);
   barrier();
-  const std::string second = (fs::path(o.save_dir) / "iter_0000002").string();
-  if (world_rank() == 0) fs::remove(fs::path(second) / "COMPLETE");
-  barrier();
+  const fs::path first = fs::path(o.save_dir) / "iter_0000001";
+  const fs::path second = fs::path(o.save_dir) / "iter_0000002";
+  auto world = make_mpi_world_communicator();
+  auto expect_fallback = [&](const std::string& why) {
+    const CheckpointChoice choice = choose_checkpoint(o.save_dir, *world);
+    EXPECT_EQ(choice.dir, first.string());
+    ASSERT_EQ(choice.refused.size(), 1u);
+    if (world_rank() == 0) std::printf("  refused: %s\n", choice.refused[0].c_str());
+    EXPECT_NE(choice.refused[0].find(second.string()), std::string::npos) << choice.refused[0];
+    EXPECT_NE(choice.refused[0].find(why), std::string::npos) << choice.refused[0];
+    EXPECT_EQ(choice.refused[0].find('\n'), std::string::npos);
+  };
+  EXPECT_EQ(choose_checkpoint(o.save_dir, *world).dir, second.string());
 
+  barrier();
+  if (world_rank() == 0) fs::remove(second / "COMPLETE");
+  barrier();
+  expect_fallback("incomplete");
   TrainOptions resume = options(layouts().front());
   resume.load_dir = o.save_dir;
-  std::string message =
-      message_of<RuntimeError>([&] { Trainer trainer(resume, world_size(), world_rank()); });
-  if (world_rank() == 0) std::printf("  incomplete: %s\n", message.c_str());
-  EXPECT_NE(message.find(second), std::string::npos) << message;
-  EXPECT_NE(message.find("incomplete"), std::string::npos) << message;
-  EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+  {
+    Trainer trainer(resume, world_size(), world_rank());
+    EXPECT_EQ(trainer.resumed_iteration(), 1);
+  }
 
   barrier();
-  if (world_rank() == 0) fs::remove(fs::path(o.save_dir) / "latest");
+  const std::string last_rank_file =
+      read_checkpoint_info(first.string()).ranks.back().file;  // checked on the last rank
+  if (world_rank() == 0) {
+    std::ofstream(second / "COMPLETE").flush();
+    flip_a_byte(second / last_rank_file);
+  }
   barrier();
-  EXPECT_EQ(find_checkpoint(o.save_dir), (fs::path(o.save_dir) / "iter_0000001").string());
+  expect_fallback(last_rank_file + " does not match its xxh64 checksum");
+  const std::string damaged =
+      message_of<RuntimeError>([&] { choose_checkpoint(second.string(), *world); });
+  EXPECT_NE(damaged.find("damaged"), std::string::npos) << damaged;
+
+  barrier();
+  if (world_rank() == 0) {
+    flip_a_byte(second / last_rank_file);  // undone
+    fs::resize_file(second / "metadata.json", fs::file_size(second / "metadata.json") - 3);
+  }
+  barrier();
+  expect_fallback("metadata.json has ");
 
   resume.load_dir = path("nowhere");
-  message = message_of<RuntimeError>([&] { Trainer trainer(resume, world_size(), world_rank()); });
+  std::string message =
+      message_of<RuntimeError>([&] { Trainer trainer(resume, world_size(), world_rank()); });
   EXPECT_NE(message.find(resume.load_dir), std::string::npos) << message;
 
   resume.load_dir = o.save_dir;
