@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "dist/device_groups.h"
 #include "dist/watchdog.h"
 #include "launcher/stop_signal.h"
 #include "model/weights_io.h"
@@ -25,7 +26,8 @@ double seconds_since(Clock::time_point start) {
 
 std::unique_ptr<Backend> make_backend(const std::string& device) {
   if (device == "cpu") return make_cpu_backend();
-  throw RuntimeError("--device " + device + ": this build has no CUDA backend");
+  if (device == "cuda") return make_cuda_backend(node_local_rank());  // one rank per GPU
+  throw UsageError("--device " + device + ": expected cpu or cuda");
 }
 
 // The vocabulary: --vocab-size when given, else what the data format implies.
@@ -74,6 +76,9 @@ Trainer::Trainer(const TrainOptions& options, int world_size, int world_rank)
                      std::to_string(options_.micro_batch_size * options_.seq_length) + ")");
   options_.global_batch_size = dims_.global_batch_size;
   groups_ = world_size > 1 ? make_process_groups(dims_) : make_single_process_groups();
+  // On GPUs the groups move device memory through NCCL (host memory still through MPI).
+  if (options_.device == "cuda")
+    groups_ = make_device_process_groups(std::move(groups_), options_.distributed_timeout);
   batch_.global_batch_size = dims_.global_batch_size;
   batch_.micro_batch_size = options_.micro_batch_size;
   batch_.dp_size = dims_.dp;
@@ -396,8 +401,7 @@ int Trainer::run() {
     skipped_in_a_row = m.skipped ? skipped_in_a_row + 1 : 0;
     if (skipped_in_a_row > options_.max_skipped_iters)
       throw RuntimeError(
-          "rank " + std::to_string(dims_.world_rank) + ": " + std::to_string(skipped_in_a_row) +
-          " iterations in a row had a non-finite loss or gradient (--max-skipped-iters " +
+          std::to_string(skipped_in_a_row) + " iterations in a row had a non-finite loss or gradient (--max-skipped-iters " +
           std::to_string(options_.max_skipped_iters) + "); stopping at iteration " +
           std::to_string(iteration) +
           (last_saved_.empty() ? std::string(" with no checkpoint written")
