@@ -1,0 +1,27 @@
+# Study 1 (dense against Switch E = 2..16): validation-loss curves, mean over seeds, and
+# training against validation loss. usage: gnuplot -e "dir='FIGURES'" plot_study1.gp
+set terminal pngcairo size 900,560 font ",11"
+set termoption noenhanced
+set datafile missing "nan"
+set grid
+set key top right
+set xlabel "iteration"
+set ylabel "validation cross-entropy (nats/byte)"
+
+file = dir."/study1_val_curves.dat"
+stats file skip 1 nooutput
+ncol = STATS_columns
+set output dir."/study1_val_curves.png"
+set title "Dense against Switch at equal FLOPs per token: validation loss (mean over seeds)"
+plot for [i=2:ncol] file using 1:i with linespoints lw 2 pt 7 ps 0.6 title columnheader(i)
+
+# Training loss averaged over each evaluation window beside the validation loss: a gap that
+# grows with the expert count is overfitting.
+file = dir."/study1_train_vs_val.dat"
+stats file skip 1 nooutput
+ncol = STATS_columns
+set output dir."/study1_train_vs_val.png"
+set title "Training (dashed) against validation (solid) loss, mean over seeds"
+set ylabel "cross-entropy (nats/byte)"
+plot for [i=2:ncol:2] file using 1:i with lines dt 2 lw 1.5 lc (i/2) title columnheader(i), \
+     for [i=3:ncol:2] file using 1:i with lines lw 2 lc ((i-1)/2) title columnheader(i)
