@@ -222,4 +222,10 @@ class Backend {
 // The CPU backend: fp32, oneDNN GEMMs, OpenMP elementwise work.
 std::unique_ptr<Backend> make_cpu_backend();
 
+// The CUDA backend on GPU `device` (core/cuda/: bf16 cuBLASLt GEMMs, fp32 router and the rest).
+// Throws RuntimeError when this build has no CUDA or the GPU is missing.
+std::unique_ptr<Backend> make_cuda_backend(int device);
+// Empty when this build has CUDA and sees a GPU; otherwise why not ("no CUDA device: ...").
+std::string cuda_unavailable_reason();
+
 }  // namespace moe

@@ -61,4 +61,16 @@ std::unique_ptr<Communicator> make_mpi_world_communicator();
 // Collective over MPI_COMM_WORLD.
 std::unique_ptr<Communicator> make_mpi_split_communicator(int color, int key);
 
+// Collectives on GPU memory through NCCL (dist/nccl_communicator.cpp), for --device cuda.
+// Pointers to device memory go through NCCL on the communicator's own stream, ordered against
+// the CUDA backend's stream with events; host pointers go through `host`, the MPI (or self)
+// communicator of the same group. With nccl_world == nullptr the group is a world of its own
+// (its ncclUniqueId broadcast over `host`); otherwise it is ncclCommSplit from nccl_world,
+// which is collective over nccl_world. A group of one copies with cudaMemcpy, no NCCL. A
+// collective that does not finish within timeout_seconds aborts the NCCL communicator and
+// throws a RuntimeError naming the operation and the rank. Throws in a build without CUDA.
+std::unique_ptr<Communicator> make_nccl_communicator(std::unique_ptr<Communicator> host,
+                                                     Communicator* nccl_world,
+                                                     double timeout_seconds);
+
 }  // namespace moe

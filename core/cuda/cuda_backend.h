@@ -1,0 +1,172 @@
+// The CUDA backend: every op of core/backend.h on one GPU, one op family per .cu file.
+//
+// Precision: the interface is fp32 (float*), and fp32 stays the storage of weights (the master
+// copy), gradients, optimizer moments and activations. GEMMs run through cuBLASLt with bf16
+// operands and fp32 accumulation and output: an operand is converted to bf16 by a fused kernel
+// right before its GEMM, and a weight's bf16 copy is cached (see bf16_weight) and refreshed by
+// the fused AdamW kernel, so weights are converted once per step, not once per use. Narrow
+// linears (OC <= kFp32MaxOutputs, which is how the interface shows the router's E logits) run
+// fully in fp32: DESIGN.md keeps the router in fp32, and they cost nothing.
+//
+// Streams: every op runs in order on the legacy default stream, so ops need no events between
+// them; the NCCL communicator (dist/nccl_communicator.cpp) orders its own stream against it.
+// Host-side arguments of the interface (offsets_host, row_idx_host, v_host ...) are uploaded
+// with the op; results the interface returns on the host (capacity counts, column sums,
+// sum_squares, all_finite) are one device-to-host copy each.
+#pragma once
+
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/error.h"
+
+namespace moe {
+
+// Throws RuntimeError naming the failed call and where it was made.
+void cuda_check(cudaError_t status, const char* call, const char* file, int line);
+void cublas_check(cublasStatus_t status, const char* call, const char* file, int line);
+#define CUDA_CHECK(call) ::moe::cuda_check((call), #call, __FILE__, __LINE__)
+#define CUBLAS_CHECK(call) ::moe::cublas_check((call), #call, __FILE__, __LINE__)
+// After every kernel launch: a bad configuration shows up here, not three ops later.
+#define CUDA_CHECK_LAUNCH() ::moe::cuda_check(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
+
+// Threads per block of the 1-D elementwise kernels, and their grid for n elements (capped:
+// the kernels loop grid-stride, so a capped grid still covers every element).
+constexpr int kThreads = 256;
+inline int grid_for(size_t n, int threads = kThreads) {
+  const size_t blocks = (n + threads - 1) / threads;
+  return static_cast<int>(blocks < 65535 * 4 ? (blocks == 0 ? 1 : blocks) : 65535 * 4);
+}
+
+// Linears with at most this many outputs run in fp32 (the router), the rest in bf16.
+constexpr int kFp32MaxOutputs = 128;
+
+// One cuBLASLt product in column-major terms (cuBLAS's convention):
+//   C (m,n) = alpha * op(A) (m,k) * op(B) (k,n) + beta * C  [+ bias (m) per column]
+// A is stored (k,m) when trans_a else (m,k), column-major with leading dimension lda; B is
+// stored (n,k) when trans_b else (k,n). Batched with strides when batch > 1. A and B are bf16
+// (fp32 when fp32 is set); C is always fp32; accumulation is fp32.
+struct GemmCall {
+  bool trans_a = false, trans_b = false;
+  int m = 0, n = 0, k = 0;
+  const void* a = nullptr;
+  int lda = 0;
+  long long stride_a = 0;
+  const void* b = nullptr;
+  int ldb = 0;
+  long long stride_b = 0;
+  float* c = nullptr;
+  int ldc = 0;
+  long long stride_c = 0;
+  int batch = 1;
+  float alpha = 1.0f, beta = 0.0f;
+  const float* bias = nullptr;  // (m) added to every column; nullptr: none
+  bool fp32 = false;            // operands are fp32 (router): no bf16 anywhere
+};
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device);
+  ~CudaBackend() override;
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  std::string name() const override;
+  void* alloc_bytes(size_t bytes) override;
+  void free_bytes(void* ptr) override;
+  void copy_to_host(void* dst_host, const void* src, size_t bytes) override;
+  void copy_from_host(void* dst, const void* src_host, size_t bytes) override;
+  void copy(void* dst, const void* src, size_t bytes) override;
+  void fill_zero(void* ptr, size_t bytes) override;
+  void synchronize() override;
+  void add(float* out, const float* a, const float* b, size_t n) override;
+  void accumulate(float* dst, const float* src, size_t n) override;
+  void scale(float* x, float s, size_t n) override;
+  double sum_squares(const float* x, size_t n) override;
+  bool all_finite(const float* x, size_t n) override;
+  void mul(float* out, const float* a, const float* b, size_t n) override;
+  void embedding_forward(float* out, const int* idx, const float* wte, const float* wpe, int B, int T, int C) override;
+  void embedding_backward(float* dwte, float* dwpe, const float* dout, const int* idx, int B, int T, int C) override;
+  void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight, const float* bias, int N, int C) override;
+  void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, const float* mean, const float* rstd, int N, int C) override;
+  void linear_forward(float* out, const float* inp, const float* weight, const float* bias, int N, int IC, int OC) override;
+  void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, int N, int IC, int OC) override;
+  void grouped_linear_forward(float* out, const float* inp, const float* weight, const float* bias, const int* offsets_host, int E, int IC, int OC) override;
+  void grouped_linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, const int* offsets_host, int E, int IC, int OC) override;
+  void gelu_forward(float* out, const float* inp, size_t n) override;
+  void gelu_backward(float* dinp, const float* inp, const float* dout, size_t n) override;
+  void attention_forward(float* out, float* att, const float* qkv, int B, int T, int C, int NH) override;
+  void attention_backward(float* dqkv, float* scratch, const float* dout, const float* qkv, const float* att, int B, int T, int C, int NH) override;
+  void crossentropy_forward(float* losses, float* probs, const float* logits, const int* targets, int N, int V) override;
+  void crossentropy_backward(float* dlogits, const float* probs, const int* targets, float dloss, int N, int V) override;
+  void softmax_forward(float* probs, float* lse, const float* logits, int N, int E) override;
+  void softmax_backward(float* dlogits, const float* dprobs, const float* probs, int N, int E) override;
+  void topk_forward(int* expert_idx, float* gates, const float* probs, int N, int E, int K) override;
+  void topk_backward(float* dprobs, const float* dgates, const int* expert_idx, const float* probs, int N, int E, int K) override;
+  void capacity_assign(int* slot_host, int* counts_host, int* choices_host, const int* expert_idx, const float* gates, int N, int E, int K, int capacity, DropPolicy policy) override;
+  void column_sums(double* sums_host, const float* x, int N, int E) override;
+  void add_row_vector(float* x, const float* v_host, int N, int E) override;
+  void zloss_backward(float* dlogits, const float* probs, const float* lse, float scale, int N, int E) override;
+  void gather_rows(float* out, const float* inp, const int* row_idx_host, int rows, int D) override;
+  void scatter_add_rows(float* dinp, const float* dout, const int* row_idx_host, int rows, int D) override;
+  void combine_forward(float* out, const float* y, const float* gates, const int* row_host, int N, int K, int D) override;
+  void combine_backward(float* dy, float* dgates, const float* dout, const float* y, const float* gates, const int* row_host, int N, int K, int D) override;
+  void adamw_update(float* params, const float* grads, float* m, float* v, size_t n, float lr, float beta1, float beta2, float eps, float weight_decay, int step) override;
+
+  // ---- internals shared by the op files -------------------------------------------------
+  // Scratch that lives until the next call with the same slot (ops run in stream order, so
+  // an op may reuse a slot the previous op used). Grows, never shrinks.
+  enum Slot {
+    kBf16Inp, kBf16Dout, kBf16Q, kBf16K, kBf16V, kBf16Att, kF32Y, kF32Dq, kF32Dk, kF32Dv,
+    kIndexA, kIndexB, kHostVector, kReduce, kCapacityOrder, kNumSlots
+  };
+  void* scratch(Slot slot, size_t bytes);
+  // Uploads `count` host ints into a scratch slot and returns the device copy.
+  const int* upload(Slot slot, const int* host, size_t count);
+  // The bf16 copy of n floats (an activation): converted now into the slot.
+  const __nv_bfloat16* to_bf16(Slot slot, const float* x, size_t n);
+  // The bf16 copy of a weight: the whole allocation holding it is converted on first use and
+  // kept until a write to that allocation (any op's output, a copy, fill, load) invalidates
+  // it; adamw_update refreshes it in the same kernel instead. Memory written outside this
+  // backend's ops (a communicator) must not be a GEMM weight without a following backend op
+  // writing it; nothing in model/ does that (weights change only through AdamW and loads).
+  const __nv_bfloat16* bf16_weight(const float* w, size_t n);
+  // Every op calls this for each device buffer it writes.
+  void note_write(const void* ptr);
+  void gemm(const GemmCall& call);
+  // dbias (OC) += column sums of dout (N,OC).
+  void add_column_sums(float* dbias, const float* dout, int N, int OC);
+
+ private:
+  struct Allocation {
+    size_t bytes = 0;
+    __nv_bfloat16* shadow = nullptr;  // bf16 copy of the floats, or nullptr
+    bool shadow_valid = false;
+  };
+  // The allocation holding ptr, or nullptr.
+  Allocation* find_allocation(const void* ptr, uintptr_t* base = nullptr);
+
+  int device_ = 0;
+  std::string device_name_;
+  cublasLtHandle_t lt_ = nullptr;
+  void* lt_workspace_ = nullptr;
+  size_t lt_workspace_bytes_ = 0;
+  std::map<std::string, cublasLtMatmulAlgo_t> algo_cache_;  // by shape, types and epilogue
+  std::map<uintptr_t, Allocation> allocations_;              // by base address
+  struct ScratchBuffer {
+    void* ptr = nullptr;
+    size_t bytes = 0;
+  };
+  ScratchBuffer scratch_[kNumSlots];
+};
+
+// Elementwise fp32 -> bf16 on the default stream: out (n) = bf16(inp (n)).
+void launch_to_bf16(__nv_bfloat16* out, const float* inp, size_t n);
+
+}  // namespace moe

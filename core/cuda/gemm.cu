@@ -1,0 +1,94 @@
+// Every product of the backend goes through here: cuBLASLt, bf16 (or fp32) operands, fp32
+// accumulation and output, an optional bias epilogue, strided batches. The algorithm is
+// chosen by cuBLASLt's heuristic once per shape and cached.
+#include <string>
+
+#include "core/cuda/cuda_backend.h"
+
+namespace moe {
+namespace {
+
+// Owns the descriptors of one call.
+struct LtDescriptors {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  ~LtDescriptors() {
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (c) cublasLtMatrixLayoutDestroy(c);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+};
+
+void make_layout(cublasLtMatrixLayout_t* layout, cudaDataType_t type, int rows, int cols, int ld,
+                 int batch, long long stride) {
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(layout, type, rows, cols, ld));
+  if (batch > 1) {
+    CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(*layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                                                  &batch, sizeof(batch)));
+    CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(
+        *layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
+  }
+}
+
+}  // namespace
+
+void CudaBackend::gemm(const GemmCall& g) {
+  if (g.m == 0 || g.n == 0 || g.batch == 0) return;
+  note_write(g.c);
+  const cudaDataType_t operand = g.fp32 ? CUDA_R_32F : CUDA_R_16BF;
+  LtDescriptors d;
+  CUBLAS_CHECK(cublasLtMatmulDescCreate(&d.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t op_a = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_b = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_a,
+                                              sizeof(op_a)));
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_b,
+                                              sizeof(op_b)));
+  if (g.bias != nullptr) {
+    const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue,
+                                                sizeof(epilogue)));
+    const cudaDataType_t bias_type = CUDA_R_32F;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                                                &bias_type, sizeof(bias_type)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias,
+                                                sizeof(g.bias)));
+  }
+  // Stored shapes (column-major): op(A) is (m,k), op(B) is (k,n).
+  make_layout(&d.a, operand, g.trans_a ? g.k : g.m, g.trans_a ? g.m : g.k, g.lda, g.batch,
+              g.stride_a);
+  make_layout(&d.b, operand, g.trans_b ? g.n : g.k, g.trans_b ? g.k : g.n, g.ldb, g.batch,
+              g.stride_b);
+  make_layout(&d.c, CUDA_R_32F, g.m, g.n, g.ldc, g.batch, g.stride_c);
+
+  const std::string key = std::to_string(g.trans_a) + std::to_string(g.trans_b) + "," +
+                          std::to_string(g.m) + "," + std::to_string(g.n) + "," +
+                          std::to_string(g.k) + "," + std::to_string(g.lda) + "," +
+                          std::to_string(g.ldb) + "," + std::to_string(g.ldc) + "," +
+                          std::to_string(g.batch) + "," + std::to_string(g.stride_a) + "," +
+                          std::to_string(g.stride_b) + "," + std::to_string(g.stride_c) + "," +
+                          (g.bias ? "bias" : "") + (g.fp32 ? "fp32" : "bf16") +
+                          (g.beta != 0.0f ? "acc" : "");
+  auto it = algo_cache_.find(key);
+  if (it == algo_cache_.end()) {
+    cublasLtMatmulPreference_t preference = nullptr;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &lt_workspace_bytes_,
+        sizeof(lt_workspace_bytes_)));
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
+        lt_, d.op, d.a, d.b, d.c, d.c, preference, 1, &result, &found);
+    cublasLtMatmulPreferenceDestroy(preference);
+    CUBLAS_CHECK(status);
+    if (found == 0)
+      throw RuntimeError("cuBLASLt has no algorithm for the GEMM " + key);
+    it = algo_cache_.emplace(key, result.algo).first;
+  }
+  CUBLAS_CHECK(cublasLtMatmul(lt_, d.op, &g.alpha, g.a, d.a, g.b, d.b, &g.beta, g.c, d.c, g.c, d.c,
+                              &it->second, lt_workspace_, lt_workspace_bytes_, 0));
+}
+
+}  // namespace moe

@@ -1,0 +1,109 @@
+// Linear layer: out = inp @ weight^T + bias through cuBLASLt (bf16 operands, fp32 accumulate,
+// the bias in the GEMM's epilogue). Row-major (N,OC) = (N,IC) @ (OC,IC)^T is, in cuBLAS's
+// column-major terms, out^T (OC,N) = W (OC,IC) * inp^T (IC,N): A = W transposed, B = inp.
+// Narrow outputs (the router's E logits) run in fp32 throughout.
+#include "core/cuda/cuda_backend.h"
+
+namespace moe {
+namespace {
+
+constexpr int kRowChunk = 256;  // rows per block of the column sums
+
+// block (32, 8): x is the column within a 32-wide block, y strides the chunk's rows.
+__global__ void column_sums_kernel(float* sums,       // (OC) +=
+                                   const float* x,    // (N,OC)
+                                   int N, int OC) {
+  __shared__ float part[8][33];  // (8, 32) padded against bank conflicts
+  const int c = blockIdx.x * 32 + threadIdx.x;
+  const int n0 = blockIdx.y * kRowChunk, n1 = min(N, n0 + kRowChunk);
+  float sum = 0.0f;
+  if (c < OC)
+    for (int n = n0 + threadIdx.y; n < n1; n += blockDim.y) sum += x[static_cast<size_t>(n) * OC + c];
+  part[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < OC) {
+    for (int j = 1; j < blockDim.y; ++j) sum += part[j][threadIdx.x];
+    atomicAdd(sums + c, sum);
+  }
+}
+
+}  // namespace
+
+void CudaBackend::add_column_sums(float* dbias, const float* dout, int N, int OC) {
+  if (N == 0 || OC == 0) return;
+  note_write(dbias);
+  const dim3 grid((OC + 31) / 32, (N + kRowChunk - 1) / kRowChunk), block(32, 8);
+  column_sums_kernel<<<grid, block>>>(dbias, dout, N, OC);
+  CUDA_CHECK_LAUNCH();
+}
+
+void CudaBackend::linear_forward(float* out,           // (N,OC)
+                                 const float* inp,     // (N,IC)
+                                 const float* weight,  // (OC,IC)
+                                 const float* bias,    // (OC) or nullptr
+                                 int N, int IC, int OC) {
+  if (N == 0 || OC == 0) return;
+  GemmCall g;
+  g.fp32 = OC <= kFp32MaxOutputs;
+  g.trans_a = true;
+  g.m = OC;
+  g.n = N;
+  g.k = IC;
+  g.a = g.fp32 ? static_cast<const void*>(weight)
+               : bf16_weight(weight, static_cast<size_t>(OC) * IC);
+  g.lda = IC;
+  g.b = g.fp32 ? static_cast<const void*>(inp) : to_bf16(kBf16Inp, inp, static_cast<size_t>(N) * IC);
+  g.ldb = IC;
+  g.c = out;
+  g.ldc = OC;
+  g.bias = bias;
+  gemm(g);
+}
+
+void CudaBackend::linear_backward(float* dinp,          // (N,IC)  += or nullptr
+                                  float* dweight,       // (OC,IC) +=
+                                  float* dbias,         // (OC)    += or nullptr
+                                  const float* dout,    // (N,OC)
+                                  const float* inp,     // (N,IC)
+                                  const float* weight,  // (OC,IC)
+                                  int N, int IC, int OC) {
+  if (N == 0 || OC == 0 || IC == 0) return;
+  const bool fp32 = OC <= kFp32MaxOutputs;
+  const void* dout_op = fp32 ? static_cast<const void*>(dout)
+                             : to_bf16(kBf16Dout, dout, static_cast<size_t>(N) * OC);  // (N,OC)
+  if (dinp != nullptr) {
+    // dinp (N,IC) += dout (N,OC) @ W (OC,IC):  dinp^T (IC,N) = W^T (IC,OC) * dout^T (OC,N)
+    GemmCall g;
+    g.fp32 = fp32;
+    g.m = IC;
+    g.n = N;
+    g.k = OC;
+    g.a = fp32 ? static_cast<const void*>(weight)
+               : bf16_weight(weight, static_cast<size_t>(OC) * IC);
+    g.lda = IC;
+    g.b = dout_op;
+    g.ldb = OC;
+    g.c = dinp;
+    g.ldc = IC;
+    g.beta = 1.0f;
+    gemm(g);
+  }
+  // dW (OC,IC) += dout^T (OC,N) @ inp (N,IC):  dW^T (IC,OC) = inp^T (IC,N) * dout (N,OC)
+  GemmCall g;
+  g.fp32 = fp32;
+  g.trans_b = true;
+  g.m = IC;
+  g.n = OC;
+  g.k = N;
+  g.a = fp32 ? static_cast<const void*>(inp) : to_bf16(kBf16Inp, inp, static_cast<size_t>(N) * IC);
+  g.lda = IC;
+  g.b = dout_op;
+  g.ldb = OC;
+  g.c = dweight;
+  g.ldc = IC;
+  g.beta = 1.0f;
+  gemm(g);
+  if (dbias != nullptr) add_column_sums(dbias, dout, N, OC);
+}
+
+}  // namespace moe

@@ -1,0 +1,167 @@
+// Device memory, copies, scratch slots, the bf16 weight cache and the backend's construction.
+#include <string>
+
+#include "core/cuda/cuda_backend.h"
+
+namespace moe {
+
+void cuda_check(cudaError_t status, const char* call, const char* file, int line) {
+  if (status == cudaSuccess) return;
+  throw RuntimeError(std::string("CUDA error ") + cudaGetErrorName(status) + " (" +
+                     cudaGetErrorString(status) + ") in " + call + " at " + file + ":" +
+                     std::to_string(line));
+}
+
+void cublas_check(cublasStatus_t status, const char* call, const char* file, int line) {
+  if (status == CUBLAS_STATUS_SUCCESS) return;
+  throw RuntimeError(std::string("cuBLASLt error ") + cublasLtGetStatusName(status) + " (" +
+                     cublasLtGetStatusString(status) + ") in " + call + " at " + file + ":" +
+                     std::to_string(line));
+}
+
+std::string cuda_unavailable_reason() {
+  int count = 0;
+  const cudaError_t status = cudaGetDeviceCount(&count);
+  if (status != cudaSuccess)
+    return std::string("no CUDA device: cudaGetDeviceCount says ") + cudaGetErrorString(status);
+  if (count == 0) return "no CUDA device: the driver sees no GPU";
+  return "";
+}
+
+CudaBackend::CudaBackend(int device) : device_(device) {
+  int count = 0;
+  const cudaError_t status = cudaGetDeviceCount(&count);
+  if (status != cudaSuccess || count == 0)
+    throw RuntimeError("--device cuda: " + (status != cudaSuccess
+                                                ? std::string("no CUDA device (") +
+                                                      cudaGetErrorString(status) + ")"
+                                                : std::string("no CUDA device")));
+  if (device < 0 || device >= count)
+    throw RuntimeError("--device cuda: this rank's node-local index is " + std::to_string(device) +
+                       " but the node has " + std::to_string(count) +
+                       " GPU(s); run one rank per GPU");
+  CUDA_CHECK(cudaSetDevice(device));
+  cudaDeviceProp props{};
+  CUDA_CHECK(cudaGetDeviceProperties(&props, device));
+  device_name_ = props.name;
+  CUBLAS_CHECK(cublasLtCreate(&lt_));
+  lt_workspace_bytes_ = size_t{32} << 20;  // cuBLASLt's recommendation for Hopper
+  CUDA_CHECK(cudaMalloc(&lt_workspace_, lt_workspace_bytes_));
+}
+
+CudaBackend::~CudaBackend() {
+  // No throwing from a destructor: errors here are ignored (the process is ending anyway).
+  cudaDeviceSynchronize();
+  for (ScratchBuffer& s : scratch_) cudaFree(s.ptr);
+  for (auto& [base, a] : allocations_) {
+    cudaFree(a.shadow);
+    cudaFree(reinterpret_cast<void*>(base));
+  }
+  cudaFree(lt_workspace_);
+  if (lt_) cublasLtDestroy(lt_);
+}
+
+std::string CudaBackend::name() const { return "cuda:" + std::to_string(device_) + " " + device_name_; }
+
+void* CudaBackend::alloc_bytes(size_t bytes) {
+  void* ptr = nullptr;
+  const size_t rounded = bytes == 0 ? 64 : (bytes + 63) / 64 * 64;  // cudaMalloc aligns to 256
+  CUDA_CHECK(cudaMalloc(&ptr, rounded));
+  CUDA_CHECK(cudaMemset(ptr, 0, rounded));
+  allocations_[reinterpret_cast<uintptr_t>(ptr)] = Allocation{rounded, nullptr, false};
+  return ptr;
+}
+
+void CudaBackend::free_bytes(void* ptr) {
+  if (ptr == nullptr) return;
+  auto it = allocations_.find(reinterpret_cast<uintptr_t>(ptr));
+  MOE_CHECK(it != allocations_.end(), "free_bytes: not an allocation of this backend");
+  CUDA_CHECK(cudaFree(it->second.shadow));
+  allocations_.erase(it);
+  CUDA_CHECK(cudaFree(ptr));
+}
+
+CudaBackend::Allocation* CudaBackend::find_allocation(const void* ptr, uintptr_t* base) {
+  const uintptr_t p = reinterpret_cast<uintptr_t>(ptr);
+  auto it = allocations_.upper_bound(p);
+  if (it == allocations_.begin()) return nullptr;
+  --it;
+  if (p >= it->first + it->second.bytes) return nullptr;
+  if (base) *base = it->first;
+  return &it->second;
+}
+
+void CudaBackend::note_write(const void* ptr) {
+  if (ptr == nullptr) return;
+  Allocation* a = find_allocation(ptr);
+  if (a != nullptr) a->shadow_valid = false;
+}
+
+const __nv_bfloat16* CudaBackend::bf16_weight(const float* w, size_t n) {
+  uintptr_t base = 0;
+  Allocation* a = find_allocation(w, &base);
+  MOE_CHECK(a != nullptr, "GEMM weight is not memory of this CUDA backend");
+  const size_t offset = (reinterpret_cast<uintptr_t>(w) - base) / sizeof(float);
+  MOE_CHECK((offset + n) * sizeof(float) <= a->bytes, "GEMM weight runs past its allocation");
+  const size_t floats = a->bytes / sizeof(float);  // (floats) the whole allocation
+  if (a->shadow == nullptr) CUDA_CHECK(cudaMalloc(&a->shadow, floats * sizeof(__nv_bfloat16)));
+  if (!a->shadow_valid) {
+    launch_to_bf16(a->shadow, reinterpret_cast<const float*>(base), floats);
+    a->shadow_valid = true;
+  }
+  return a->shadow + offset;
+}
+
+void* CudaBackend::scratch(Slot slot, size_t bytes) {
+  ScratchBuffer& s = scratch_[slot];
+  if (s.bytes < bytes) {
+    // cudaFree waits for the device, so no queued op still uses the old buffer.
+    CUDA_CHECK(cudaFree(s.ptr));
+    s.ptr = nullptr;
+    const size_t grown = bytes + bytes / 4;
+    CUDA_CHECK(cudaMalloc(&s.ptr, grown));
+    s.bytes = grown;
+  }
+  return s.ptr;
+}
+
+const int* CudaBackend::upload(Slot slot, const int* host, size_t count) {
+  int* dev = static_cast<int*>(scratch(slot, count * sizeof(int) + 4));
+  // From pageable memory this returns once the bytes are staged: the caller may reuse host.
+  if (count > 0)
+    CUDA_CHECK(cudaMemcpyAsync(dev, host, count * sizeof(int), cudaMemcpyHostToDevice, 0));
+  return dev;
+}
+
+const __nv_bfloat16* CudaBackend::to_bf16(Slot slot, const float* x, size_t n) {
+  auto* out = static_cast<__nv_bfloat16*>(scratch(slot, n * sizeof(__nv_bfloat16) + 16));
+  launch_to_bf16(out, x, n);
+  return out;
+}
+
+void CudaBackend::copy_to_host(void* dst_host, const void* src, size_t bytes) {
+  CUDA_CHECK(cudaMemcpy(dst_host, src, bytes, cudaMemcpyDeviceToHost));
+}
+
+void CudaBackend::copy_from_host(void* dst, const void* src_host, size_t bytes) {
+  note_write(dst);
+  CUDA_CHECK(cudaMemcpy(dst, src_host, bytes, cudaMemcpyHostToDevice));
+}
+
+void CudaBackend::copy(void* dst, const void* src, size_t bytes) {
+  note_write(dst);
+  CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, 0));
+}
+
+void CudaBackend::fill_zero(void* ptr, size_t bytes) {
+  note_write(ptr);
+  CUDA_CHECK(cudaMemsetAsync(ptr, 0, bytes, 0));
+}
+
+void CudaBackend::synchronize() { CUDA_CHECK(cudaDeviceSynchronize()); }
+
+std::unique_ptr<Backend> make_cuda_backend(int device) {
+  return std::make_unique<CudaBackend>(device);
+}
+
+}  // namespace moe

@@ -1,0 +1,399 @@
+// Every op of the CUDA backend against the CPU backend (the ground truth) on the same random
+// inputs. Tolerances by dtype: ops that stay in fp32 must agree to fp32 rounding (the GPU's
+// fast exp and another summation order); ops whose products run in bf16 (linear, grouped
+// linear, attention) are held to bf16's ~3 significant digits, as a relative norm of the
+// difference plus a bound on the worst element. Index results (top-k, capacity) must be
+// identical. Every comparison prints the worst difference it saw.
+//
+// Without a GPU (or in a build without CUDA) every test is skipped, naming the reason.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/backend.h"
+
+namespace moe {
+namespace {
+
+struct Tolerance {
+  double abs;       // |gpu - cpu| <= abs + rel * |cpu| per element ...
+  double rel;
+  double norm_rel;  // ... and ||gpu - cpu|| / ||cpu|| <= norm_rel (0: not checked)
+};
+constexpr Tolerance kFp32{2e-5, 2e-4, 0};
+// bf16 operands (8 significant bits), fp32 accumulation: the norm carries the claim; the
+// per-element bound only catches gross errors on elements that cancel to near zero.
+constexpr Tolerance kBf16{2e-2, 5e-2, 1.5e-2};
+
+void expect_match(const std::string& what, const std::vector<float>& gpu,
+                  const std::vector<float>& cpu, Tolerance tol) {
+  ASSERT_EQ(gpu.size(), cpu.size()) << what;
+  double worst = 0, diff_sq = 0, ref_sq = 0, max_ref = 0;
+  size_t worst_at = 0, num_bad = 0;
+  for (const float x : cpu) max_ref = std::max(max_ref, std::fabs(double{x}));
+  for (size_t i = 0; i < cpu.size(); ++i) {
+    const double d = std::fabs(double{gpu[i]} - double{cpu[i]});
+    diff_sq += d * d;
+    ref_sq += double{cpu[i]} * cpu[i];
+    if (!(d <= worst)) {  // NaN counts as worst
+      worst = std::isnan(d) ? INFINITY : d;
+      worst_at = i;
+    }
+    const double scale = tol.norm_rel > 0 ? max_ref : std::fabs(double{cpu[i]});
+    if (!(d <= tol.abs + tol.rel * scale)) ++num_bad;
+  }
+  const double norm_rel = ref_sq > 0 ? std::sqrt(diff_sq / ref_sq) : std::sqrt(diff_sq);
+  std::printf("%-36s worst |gpu-cpu| %.3g at %zu (cpu %.6g), relative norm %.3g, n=%zu\n",
+              what.c_str(), worst, worst_at, cpu.empty() ? 0.0 : double{cpu[worst_at]}, norm_rel,
+              cpu.size());
+  EXPECT_EQ(num_bad, 0u) << what << ": elements outside the tolerance; worst " << worst;
+  if (tol.norm_rel > 0) {
+    EXPECT_LE(norm_rel, tol.norm_rel) << what;
+  }
+}
+
+template <typename T>
+void expect_identical(const std::string& what, const std::vector<T>& gpu, const std::vector<T>& cpu) {
+  size_t mismatches = 0, first = cpu.size();
+  for (size_t i = 0; i < cpu.size(); ++i)
+    if (gpu[i] != cpu[i]) {
+      ++mismatches;
+      first = std::min(first, i);
+    }
+  std::printf("%-36s %zu of %zu differ\n", what.c_str(), mismatches, cpu.size());
+  EXPECT_EQ(mismatches, 0u) << what << ": first difference at " << first;
+}
+
+class CudaOps : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const std::string reason = cuda_unavailable_reason();
+    if (!reason.empty()) GTEST_SKIP() << reason;
+    gpu_ = make_cuda_backend(0);
+    cpu_ = make_cpu_backend();
+  }
+  void TearDown() override {
+    for (void* p : owned_) gpu_->free_bytes(p);
+  }
+  std::vector<float> random(size_t n, float lo = -1.0f, float hi = 1.0f) {
+    std::uniform_real_distribution<float> u(lo, hi);
+    std::vector<float> v(n);
+    for (float& x : v) x = u(rng_);
+    return v;
+  }
+  std::vector<int> random_ints(size_t n, int hi) {
+    std::uniform_int_distribution<int> u(0, hi - 1);
+    std::vector<int> v(n);
+    for (int& x : v) x = u(rng_);
+    return v;
+  }
+  // A device copy of host data, freed after the test.
+  template <typename T>
+  T* up(const std::vector<T>& host) {
+    T* dev = static_cast<T*>(gpu_->alloc_bytes(host.size() * sizeof(T)));
+    owned_.push_back(dev);
+    gpu_->copy_from_host(dev, host.data(), host.size() * sizeof(T));
+    return dev;
+  }
+  template <typename T>
+  std::vector<T> down(const T* dev, size_t n) {
+    std::vector<T> host(n);
+    gpu_->copy_to_host(host.data(), dev, n * sizeof(T));
+    return host;
+  }
+  Backend& gpu() { return *gpu_; }
+  Backend& cpu() { return *cpu_; }
+
+ private:
+  std::unique_ptr<Backend> gpu_, cpu_;
+  std::vector<void*> owned_;
+  std::mt19937 rng_{4};
+};
+
+TEST_F(CudaOps, Elementwise) {
+  const size_t n = 100003;
+  std::vector<float> a = random(n), b = random(n), acc = random(n);
+  float *ga = up(a), *gb = up(b), *gacc = up(acc), *gout = up(std::vector<float>(n));
+  std::vector<float> out(n);
+  cpu().add(out.data(), a.data(), b.data(), n);
+  gpu().add(gout, ga, gb, n);
+  expect_match("add", down(gout, n), out, kFp32);
+  cpu().mul(out.data(), a.data(), b.data(), n);
+  gpu().mul(gout, ga, gb, n);
+  expect_match("mul", down(gout, n), out, kFp32);
+  cpu().accumulate(acc.data(), a.data(), n);
+  gpu().accumulate(gacc, ga, n);
+  cpu().scale(acc.data(), 0.37f, n);
+  gpu().scale(gacc, 0.37f, n);
+  expect_match("accumulate, scale", down(gacc, n), acc, kFp32);
+  const double want = cpu().sum_squares(a.data(), n), got = gpu().sum_squares(ga, n);
+  std::printf("sum_squares gpu %.10g cpu %.10g\n", got, want);
+  EXPECT_NEAR(got, want, 1e-9 * want);
+  EXPECT_TRUE(gpu().all_finite(ga, n));
+  a[n / 2] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_FALSE(gpu().all_finite(up(a), n));
+  a[n / 2] = INFINITY;
+  EXPECT_FALSE(gpu().all_finite(up(a), n));
+}
+
+TEST_F(CudaOps, Embedding) {
+  const int B = 3, T = 17, C = 96, V = 50, Tmax = 32;
+  std::vector<int> idx = random_ints(B * T, V);
+  idx[0] = idx[5] = idx[40] = 7;  // repeated tokens: the backward must add
+  std::vector<float> wte = random(V * C), wpe = random(Tmax * C), dout = random(B * T * C);
+  std::vector<float> out(B * T * C), dwte = random(V * C), dwpe = random(Tmax * C);
+  float *gout = up(out), *gdwte = up(dwte), *gdwpe = up(dwpe);
+  const int* gidx = up(idx);
+  cpu().embedding_forward(out.data(), idx.data(), wte.data(), wpe.data(), B, T, C);
+  gpu().embedding_forward(gout, gidx, up(wte), up(wpe), B, T, C);
+  expect_match("embedding_forward", down(gout, out.size()), out, kFp32);
+  cpu().embedding_backward(dwte.data(), dwpe.data(), dout.data(), idx.data(), B, T, C);
+  gpu().embedding_backward(gdwte, gdwpe, up(dout), gidx, B, T, C);
+  expect_match("embedding_backward dwte", down(gdwte, dwte.size()), dwte, kFp32);
+  expect_match("embedding_backward dwpe", down(gdwpe, dwpe.size()), dwpe, kFp32);
+}
+
+TEST_F(CudaOps, Layernorm) {
+  const int N = 301, C = 768;
+  std::vector<float> x = random(N * C, -3, 3), w = random(C, 0.5, 1.5), b = random(C);
+  std::vector<float> out(N * C), mean(N), rstd(N), dout = random(N * C);
+  std::vector<float> dx = random(N * C), dw = random(C), db = random(C);
+  float *gx = up(x), *gw = up(w), *gout = up(out), *gmean = up(mean), *grstd = up(rstd);
+  float *gdx = up(dx), *gdw = up(dw), *gdb = up(db);
+  cpu().layernorm_forward(out.data(), mean.data(), rstd.data(), x.data(), w.data(), b.data(), N, C);
+  gpu().layernorm_forward(gout, gmean, grstd, gx, gw, up(b), N, C);
+  expect_match("layernorm_forward", down(gout, out.size()), out, kFp32);
+  expect_match("layernorm_forward rstd", down(grstd, N), rstd, kFp32);
+  cpu().layernorm_backward(dx.data(), dw.data(), db.data(), dout.data(), x.data(), w.data(),
+                           mean.data(), rstd.data(), N, C);
+  gpu().layernorm_backward(gdx, gdw, gdb, up(dout), gx, gw, gmean, grstd, N, C);
+  expect_match("layernorm_backward dinp", down(gdx, dx.size()), dx, kFp32);
+  // Sums over 301 rows in another order: fp32 rounding of the sum, not of each term.
+  expect_match("layernorm_backward dweight", down(gdw, C), dw, {1e-4, 1e-4, 0});
+  expect_match("layernorm_backward dbias", down(gdb, C), db, {1e-4, 1e-4, 0});
+}
+
+// OC = 320 takes the bf16 path; OC = 64 (a router's width) the fp32 path.
+TEST_F(CudaOps, Linear) {
+  for (const int OC : {320, 64}) {
+    const Tolerance tol = OC > 128 ? kBf16 : Tolerance{1e-4, 1e-4, 0};
+    const std::string tag = OC > 128 ? " (bf16)" : " (fp32)";
+    const int N = 257, IC = 192;
+    std::vector<float> x = random(N * IC), w = random(OC * IC, -0.1, 0.1), b = random(OC);
+    std::vector<float> out(N * OC), dout = random(N * OC);
+    std::vector<float> dx = random(N * IC), dw = random(OC * IC), db = random(OC);
+    float *gx = up(x), *gw = up(w), *gout = up(out), *gdx = up(dx), *gdw = up(dw), *gdb = up(db);
+    cpu().linear_forward(out.data(), x.data(), w.data(), b.data(), N, IC, OC);
+    gpu().linear_forward(gout, gx, gw, up(b), N, IC, OC);
+    expect_match("linear_forward" + tag, down(gout, out.size()), out, tol);
+    cpu().linear_backward(dx.data(), dw.data(), db.data(), dout.data(), x.data(), w.data(), N, IC, OC);
+    gpu().linear_backward(gdx, gdw, gdb, up(dout), gx, gw, N, IC, OC);
+    expect_match("linear_backward dinp" + tag, down(gdx, dx.size()), dx, tol);
+    expect_match("linear_backward dweight" + tag, down(gdw, dw.size()), dw, tol);
+    expect_match("linear_backward dbias" + tag, down(gdb, OC), db, {1e-4, 1e-4, 0});
+    // No bias, no dinp.
+    cpu().linear_forward(out.data(), x.data(), w.data(), nullptr, N, IC, OC);
+    gpu().linear_forward(gout, gx, gw, nullptr, N, IC, OC);
+    expect_match("linear_forward no bias" + tag, down(gout, out.size()), out, tol);
+  }
+}
+
+// The bf16 copy of a weight must follow every change of the weight: AdamW (refreshes it in
+// place) and a load from the host (invalidates it).
+TEST_F(CudaOps, LinearSeesUpdatedWeights) {
+  const int N = 64, IC = 128, OC = 256;
+  std::vector<float> x = random(N * IC), w = random(OC * IC, -0.1, 0.1), out(N * OC);
+  std::vector<float> grad = random(OC * IC), m(OC * IC), v(OC * IC);
+  float *gx = up(x), *gw = up(w), *gout = up(out), *gm = up(m), *gv = up(v);
+  gpu().linear_forward(gout, gx, gw, nullptr, N, IC, OC);  // makes the bf16 copy
+  for (int step = 1; step <= 3; ++step) {
+    cpu().adamw_update(w.data(), grad.data(), m.data(), v.data(), w.size(), 0.05f, 0.9f, 0.95f,
+                       1e-8f, 0.1f, step);
+    gpu().adamw_update(gw, up(grad), gm, gv, w.size(), 0.05f, 0.9f, 0.95f, 1e-8f, 0.1f, step);
+  }
+  cpu().linear_forward(out.data(), x.data(), w.data(), nullptr, N, IC, OC);
+  gpu().linear_forward(gout, gx, gw, nullptr, N, IC, OC);
+  expect_match("linear after adamw", down(gout, out.size()), out, kBf16);
+  w = random(OC * IC, -0.1, 0.1);
+  gpu().copy_from_host(gw, w.data(), w.size() * sizeof(float));
+  cpu().linear_forward(out.data(), x.data(), w.data(), nullptr, N, IC, OC);
+  gpu().linear_forward(gout, gx, gw, nullptr, N, IC, OC);
+  expect_match("linear after a new weight", down(gout, out.size()), out, kBf16);
+}
+
+TEST_F(CudaOps, GroupedLinear) {
+  const int E = 4, IC = 160, OC = 224;
+  const std::vector<int> offsets = {0, 37, 37, 120, 131};  // an empty expert
+  const int rows = offsets[E];
+  std::vector<float> x = random(rows * IC), w = random(E * OC * IC, -0.1, 0.1), b = random(E * OC);
+  std::vector<float> out(rows * OC), dout = random(rows * OC);
+  std::vector<float> dx = random(rows * IC), dw = random(E * OC * IC), db = random(E * OC);
+  float *gx = up(x), *gw = up(w), *gout = up(out), *gdx = up(dx), *gdw = up(dw), *gdb = up(db);
+  cpu().grouped_linear_forward(out.data(), x.data(), w.data(), b.data(), offsets.data(), E, IC, OC);
+  gpu().grouped_linear_forward(gout, gx, gw, up(b), offsets.data(), E, IC, OC);
+  expect_match("grouped_linear_forward", down(gout, out.size()), out, kBf16);
+  cpu().grouped_linear_backward(dx.data(), dw.data(), db.data(), dout.data(), x.data(), w.data(),
+                                offsets.data(), E, IC, OC);
+  gpu().grouped_linear_backward(gdx, gdw, gdb, up(dout), gx, gw, offsets.data(), E, IC, OC);
+  expect_match("grouped_linear_backward dinp", down(gdx, dx.size()), dx, kBf16);
+  expect_match("grouped_linear_backward dweight", down(gdw, dw.size()), dw, kBf16);
+  expect_match("grouped_linear_backward dbias", down(gdb, db.size()), db, {1e-4, 1e-4, 0});
+}
+
+TEST_F(CudaOps, Gelu) {
+  const size_t n = 50001;
+  std::vector<float> x = random(n, -6, 6), out(n), dout = random(n), dx = random(n);
+  float *gx = up(x), *gout = up(out), *gdx = up(dx);
+  cpu().gelu_forward(out.data(), x.data(), n);
+  gpu().gelu_forward(gout, gx, n);
+  expect_match("gelu_forward", down(gout, n), out, kFp32);
+  cpu().gelu_backward(dx.data(), x.data(), dout.data(), n);
+  gpu().gelu_backward(gdx, gx, up(dout), n);
+  expect_match("gelu_backward", down(gdx, n), dx, kFp32);
+}
+
+TEST_F(CudaOps, Attention) {
+  const int B = 2, T = 77, C = 128, NH = 4;
+  std::vector<float> qkv = random(B * T * 3 * C), out(B * T * C), att(B * NH * T * T);
+  std::vector<float> dout = random(B * T * C), dqkv = random(B * T * 3 * C), scratch(att.size());
+  float *gqkv = up(qkv), *gout = up(out), *gatt = up(att), *gdqkv = up(dqkv);
+  cpu().attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH);
+  gpu().attention_forward(gout, gatt, gqkv, B, T, C, NH);
+  expect_match("attention_forward", down(gout, out.size()), out, kBf16);
+  expect_match("attention_forward att", down(gatt, att.size()), att, kBf16);
+  cpu().attention_backward(dqkv.data(), scratch.data(), dout.data(), qkv.data(), att.data(), B, T,
+                           C, NH);
+  gpu().attention_backward(gdqkv, up(scratch), up(dout), gqkv, gatt, B, T, C, NH);
+  expect_match("attention_backward", down(gdqkv, dqkv.size()), dqkv, kBf16);
+}
+
+TEST_F(CudaOps, CrossEntropy) {
+  const int N = 33, V = 50257;
+  std::vector<float> logits = random(N * V, -4, 4), losses(N);
+  std::vector<int> targets = random_ints(N, V);
+  float *glogits = up(logits), *glosses = up(losses);
+  const int* gtargets = up(targets);
+  cpu().crossentropy_forward(losses.data(), logits.data(), logits.data(), targets.data(), N, V);
+  gpu().crossentropy_forward(glosses, glogits, glogits, gtargets, N, V);  // in place, as the model
+  expect_match("crossentropy_forward losses", down(glosses, N), losses, kFp32);
+  expect_match("crossentropy_forward probs", down(glogits, logits.size()), logits, {1e-8, 1e-4, 0});
+  cpu().crossentropy_backward(logits.data(), logits.data(), targets.data(), 0.25f, N, V);
+  gpu().crossentropy_backward(glogits, glogits, gtargets, 0.25f, N, V);
+  expect_match("crossentropy_backward", down(glogits, logits.size()), logits, {1e-8, 1e-4, 0});
+}
+
+// The router in fp32: softmax, top-k, capacity, the auxiliary-loss pieces.
+TEST_F(CudaOps, RouterSoftmaxTopkAndLosses) {
+  const int N = 500, E = 16;
+  for (const int K : {1, 2}) {
+    std::vector<float> logits = random(N * E, -3, 3), probs(N * E), lse(N);
+    float *gprobs = up(probs), *glse = up(lse);
+    cpu().softmax_forward(probs.data(), lse.data(), logits.data(), N, E);
+    gpu().softmax_forward(gprobs, glse, up(logits), N, E);
+    expect_match("softmax_forward probs", down(gprobs, probs.size()), probs, kFp32);
+    expect_match("softmax_forward lse", down(glse, N), lse, kFp32);
+    // Top-k and capacity on the same probabilities on both sides (the CPU's), so the choices
+    // can be compared exactly.
+    gprobs = up(probs);
+    std::vector<int> idx(N * K), gidx_host;
+    std::vector<float> gates(N * K);
+    int* gidx = up(idx);
+    float* ggates = up(gates);
+    cpu().topk_forward(idx.data(), gates.data(), probs.data(), N, E, K);
+    gpu().topk_forward(gidx, ggates, gprobs, N, E, K);
+    expect_identical("topk_forward K=" + std::to_string(K), down(gidx, idx.size()), idx);
+    expect_match("topk_forward gates", down(ggates, gates.size()), gates, kFp32);
+    std::vector<float> dgates = random(N * K), dprobs = random(N * E);
+    float* gdprobs = up(dprobs);
+    cpu().topk_backward(dprobs.data(), dgates.data(), idx.data(), probs.data(), N, E, K);
+    gpu().topk_backward(gdprobs, up(dgates), gidx, gprobs, N, E, K);
+    expect_match("topk_backward", down(gdprobs, dprobs.size()), dprobs, kFp32);
+    for (const DropPolicy policy : {DropPolicy::kPosition, DropPolicy::kProbs})
+      for (const int capacity : {-1, 0, 20, 45}) {
+        std::vector<int> slot(N * K), counts(E), choices(E), gslot(N * K), gcounts(E), gchoices(E);
+        cpu().capacity_assign(slot.data(), counts.data(), choices.data(), idx.data(),
+                              gates.data(), N, E, K, capacity, policy);
+        gpu().capacity_assign(gslot.data(), gcounts.data(), gchoices.data(), up(idx),
+                              up(gates), N, E, K, capacity, policy);
+        const std::string tag = std::string(policy == DropPolicy::kProbs ? " probs" : " position") +
+                                " cap " + std::to_string(capacity);
+        expect_identical("capacity slots" + tag, gslot, slot);
+        expect_identical("capacity counts" + tag, gcounts, counts);
+        expect_identical("capacity choices" + tag, gchoices, choices);
+      }
+    std::vector<float> dlogits = random(N * E);
+    float* gdlogits = up(dlogits);
+    cpu().softmax_backward(dlogits.data(), dprobs.data(), probs.data(), N, E);
+    gpu().softmax_backward(gdlogits, up(dprobs), gprobs, N, E);
+    expect_match("softmax_backward", down(gdlogits, dlogits.size()), dlogits, kFp32);
+    cpu().zloss_backward(dlogits.data(), probs.data(), lse.data(), 0.01f, N, E);
+    gpu().zloss_backward(gdlogits, gprobs, up(lse), 0.01f, N, E);
+    expect_match("zloss_backward", down(gdlogits, dlogits.size()), dlogits, kFp32);
+    const std::vector<float> v = random(E);
+    cpu().add_row_vector(dlogits.data(), v.data(), N, E);
+    gpu().add_row_vector(gdlogits, v.data(), N, E);
+    expect_match("add_row_vector", down(gdlogits, dlogits.size()), dlogits, kFp32);
+    std::vector<double> sums(E), gsums(E);
+    cpu().column_sums(sums.data(), probs.data(), N, E);
+    gpu().column_sums(gsums.data(), gprobs, N, E);
+    double worst = 0;
+    for (int e = 0; e < E; ++e) worst = std::max(worst, std::fabs(gsums[e] - sums[e]));
+    std::printf("%-36s worst |gpu-cpu| %.3g\n", "column_sums", worst);
+    EXPECT_LE(worst, 1e-9 * N);
+  }
+}
+
+TEST_F(CudaOps, PermuteAndCombine) {
+  const int N = 300, K = 2, D = 96, rows = 450;
+  // Every row is one kept choice; some choices are dropped (-1).
+  std::vector<int> row(N * K, -1), token_of_row(rows);
+  std::vector<int> order(N * K);
+  for (int i = 0; i < N * K; ++i) order[i] = i;
+  std::shuffle(order.begin(), order.end(), std::mt19937(9));
+  for (int r = 0; r < rows; ++r) {
+    row[order[r]] = r;
+    token_of_row[r] = order[r] / K;
+  }
+  std::vector<float> x = random(N * D), xr(rows * D), dxr = random(rows * D), dx = random(N * D);
+  float *gx = up(x), *gxr = up(xr), *gdx = up(dx);
+  cpu().gather_rows(xr.data(), x.data(), token_of_row.data(), rows, D);
+  gpu().gather_rows(gxr, gx, token_of_row.data(), rows, D);
+  expect_match("gather_rows", down(gxr, xr.size()), xr, kFp32);
+  cpu().scatter_add_rows(dx.data(), dxr.data(), token_of_row.data(), rows, D);
+  gpu().scatter_add_rows(gdx, up(dxr), token_of_row.data(), rows, D);
+  expect_match("scatter_add_rows", down(gdx, dx.size()), dx, kFp32);
+  std::vector<float> y = random(rows * D), gates = random(N * K, 0, 1), out(N * D);
+  std::vector<float> dout = random(N * D), dy = random(rows * D), dgates = random(N * K);
+  float *gy = up(y), *ggates = up(gates), *gout = up(out), *gdy = up(dy), *gdgates = up(dgates);
+  cpu().combine_forward(out.data(), y.data(), gates.data(), row.data(), N, K, D);
+  gpu().combine_forward(gout, gy, ggates, row.data(), N, K, D);
+  expect_match("combine_forward", down(gout, out.size()), out, kFp32);
+  cpu().combine_backward(dy.data(), dgates.data(), dout.data(), y.data(), gates.data(), row.data(),
+                         N, K, D);
+  gpu().combine_backward(gdy, gdgates, up(dout), gy, ggates, row.data(), N, K, D);
+  expect_match("combine_backward dy", down(gdy, dy.size()), dy, kFp32);
+  expect_match("combine_backward dgates", down(gdgates, dgates.size()), dgates, {1e-4, 1e-4, 0});
+}
+
+TEST_F(CudaOps, AdamW) {
+  const size_t n = 10007;
+  std::vector<float> p = random(n), g = random(n), m = random(n, 0, 0.1), v = random(n, 0, 0.1);
+  float *gp = up(p), *gg = up(g), *gm = up(m), *gv = up(v);
+  for (int step = 1; step <= 5; ++step) {
+    cpu().adamw_update(p.data(), g.data(), m.data(), v.data(), n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f,
+                       step);
+    gpu().adamw_update(gp, gg, gm, gv, n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, step);
+  }
+  expect_match("adamw params", down(gp, n), p, kFp32);
+  expect_match("adamw exp_avg", down(gm, n), m, kFp32);
+  expect_match("adamw exp_avg_sq", down(gv, n), v, kFp32);
+}
+
+}  // namespace
+}  // namespace moe
