@@ -177,12 +177,13 @@ def main():
                      mean([r.valid[-1][1] for r in group if r.valid]), len(reached),
                      mean(reached), std(reached),
                      iters / mean(reached) if reached else float("nan"),
-                     mean([r.tokens_per_sec() for r in group])])
+                     mean([r.tokens_per_sec() for r in group]),
+                     mean([r.dropped() for r in group if not r.failed])])
     write_csv(os.path.join(figures, "study1_dense_vs_switch.csv"),
               ["arm", "experts", "runs", "finished", "final_val_mean", "final_val_std",
                "final_val_min", "final_val_max", "curve_final_mean", "seeds_reaching_dense",
                "steps_to_dense_mean", "steps_to_dense_std", "speedup_in_steps",
-               "tokens_per_sec"], rows)
+               "tokens_per_sec", "dropped_fraction"], rows)
     # Validation curves (mean over seeds) and training loss averaged over each evaluation window.
     steps = sorted({i for arm in study1 for r in main_runs(arm) for i, _ in r.valid})
     with open(os.path.join(figures, "study1_val_curves.dat"), "w") as f:

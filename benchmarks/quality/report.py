@@ -48,6 +48,13 @@ def pm(mean, spread):
     return f"{m:.3f}" if math.isnan(s) else f"{m:.3f} ± {s:.3f}"
 
 
+def pm0(mean, spread):
+    m, s = num(mean), num(spread)
+    if math.isnan(m):
+        return "not reached"
+    return f"{m:.0f}" if math.isnan(s) else f"{m:.0f} ± {s:.0f}"
+
+
 def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -131,19 +138,23 @@ Definitions:
     rows = read_csv(os.path.join(figures, "study1_dense_vs_switch.csv"))
     w.append(table(["arm", "seeds", "final val loss", "curve at the end",
                     "steps to dense (mean ± sd)", "seeds reaching", "speedup in steps",
-                    "tokens/s"],
+                    "tokens/s", "dropped in training"],
                    [[r["arm"], r["finished"], pm(r["final_val_mean"], r["final_val_std"]),
                      f3(r["curve_final_mean"]),
-                     "–" if r["arm"] == "dense" else pm(r["steps_to_dense_mean"],
-                                                         r["steps_to_dense_std"]),
+                     "–" if r["arm"] == "dense" else pm0(r["steps_to_dense_mean"],
+                                                          r["steps_to_dense_std"]),
                      "–" if r["arm"] == "dense" else f"{r['seeds_reaching_dense']}/{r['finished']}",
                      "–" if r["arm"] == "dense" else (f"{num(r['speedup_in_steps']):.2f}x"
                                                       if not math.isnan(num(r['speedup_in_steps']))
                                                       else "not reached"),
-                     f0(r["tokens_per_sec"])] for r in rows]))
+                     f0(r["tokens_per_sec"]),
+                     "–" if r["arm"] == "dense" else pct(r["dropped_fraction"])]
+                    for r in rows]))
     w.append("")
     w.append(figure("study1_val_curves.png", "plot_study1.gp",
                     "Validation loss of dense and Switch arms, mean over seeds"))
+    w.append(figure("study1_val_curves_zoom.png", "plot_study1.gp",
+                    "The same curves from 30% of training on"))
     w.append(figure("study1_train_vs_val.png", "plot_study1.gp",
                     "Training loss (mean over each evaluation window) against validation loss"))
     e8 = next((r for r in rows if r["arm"] == "e8"), None)
