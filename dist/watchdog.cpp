@@ -16,7 +16,9 @@ using Clock = std::chrono::steady_clock;
 // What the main thread is blocked in, published for the watchdog thread.
 std::atomic<const char*> watched_operation{nullptr};
 std::atomic<int64_t> watched_since_ns{0};
+std::atomic<double> watched_allowance{1.0};  // the timeout factor of the watched operation
 thread_local int nesting = 0;
+thread_local double allowance = 1.0;
 
 std::atomic<int64_t> timeout_ns{0};
 std::mutex start_mutex;
@@ -34,7 +36,7 @@ void watch_forever() {
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
     const char* operation = watched_operation.load();
     const int64_t since = watched_since_ns.load();
-    const int64_t limit = timeout_ns.load();
+    const int64_t limit = static_cast<int64_t>(timeout_ns.load() * watched_allowance.load());
     if (operation == nullptr || since == 0 || limit <= 0) continue;
     const int64_t waited = now_ns() - since;
     if (waited < limit || watched_operation.load() != operation ||
@@ -65,6 +67,7 @@ void start_collective_watchdog(double timeout_seconds, const std::string& progra
 
 WatchedCollective::WatchedCollective(const char* operation) {
   if (nesting++ > 0) return;
+  watched_allowance.store(allowance);
   watched_since_ns.store(now_ns());
   watched_operation.store(operation);
 }
@@ -74,5 +77,9 @@ WatchedCollective::~WatchedCollective() {
   watched_operation.store(nullptr);
   watched_since_ns.store(0);
 }
+
+WatchdogAllowance::WatchdogAllowance(double factor) : previous_(allowance) { allowance = factor; }
+
+WatchdogAllowance::~WatchdogAllowance() { allowance = previous_; }
 
 }  // namespace moe

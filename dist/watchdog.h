@@ -25,4 +25,17 @@ class WatchedCollective {
   WatchedCollective& operator=(const WatchedCollective&) = delete;
 };
 
+// While one lives, collectives on this thread may take `factor` times the timeout: the ones
+// that wait for other ranks' file I/O (checkpoints), which a slow file system stretches.
+class WatchdogAllowance {
+ public:
+  explicit WatchdogAllowance(double factor);
+  ~WatchdogAllowance();
+  WatchdogAllowance(const WatchdogAllowance&) = delete;
+  WatchdogAllowance& operator=(const WatchdogAllowance&) = delete;
+
+ private:
+  double previous_;
+};
+
 }  // namespace moe

@@ -401,7 +401,8 @@ int Trainer::run() {
     skipped_in_a_row = m.skipped ? skipped_in_a_row + 1 : 0;
     if (skipped_in_a_row > options_.max_skipped_iters)
       throw RuntimeError(
-          std::to_string(skipped_in_a_row) + " iterations in a row had a non-finite loss or gradient (--max-skipped-iters " +
+          std::to_string(skipped_in_a_row) +
+          " iterations in a row had a non-finite loss or gradient (--max-skipped-iters " +
           std::to_string(options_.max_skipped_iters) + "); stopping at iteration " +
           std::to_string(iteration) +
           (last_saved_.empty() ? std::string(" with no checkpoint written")

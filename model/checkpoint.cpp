@@ -13,6 +13,7 @@
 #include "core/durable_file.h"
 #include "core/error.h"
 #include "dist/communicator.h"
+#include "dist/watchdog.h"
 #include "model/checkpoint_manifest.h"
 #include "model/grad_sync.h"
 #include "model/safetensors.h"
@@ -76,6 +77,8 @@ std::vector<std::pair<int64_t, fs::path>> complete_checkpoints(const fs::path& r
 // rethrows its own error; the others name it.
 void on_every_rank(Communicator& world, const std::string& what,
                    const std::function<void()>& step) {
+  // The ranks that finish first wait here for the slowest one's file I/O.
+  const WatchdogAllowance slow_file_systems(10.0);
   std::exception_ptr error;
   try {
     step();
@@ -289,8 +292,8 @@ std::string check_against_manifest(const fs::path& dir, int share_index, int sha
     const auto bytes = fs::file_size(path, ec);
     if (ec) return "is damaged: " + name + " is missing";
     if (bytes != expected.bytes)
-      return "is damaged: " + name + " has " + std::to_string(bytes) + " bytes, the manifest says " +
-             std::to_string(expected.bytes);
+      return "is damaged: " + name + " has " + std::to_string(bytes) +
+             " bytes, the manifest says " + std::to_string(expected.bytes);
     if (index++ % share_count != share_index) continue;
     try {
       if (digest_file(path.string()) != expected)
@@ -306,6 +309,7 @@ std::string check_against_manifest(const fs::path& dir, int share_index, int sha
 
 CheckpointChoice choose_checkpoint(const std::string& load_dir, Communicator& world) {
   const fs::path root(load_dir);
+  const WatchdogAllowance checksums_take_time(10.0);
   CheckpointChoice choice;
   std::vector<fs::path> candidates;
   on_every_rank(world, "looking for checkpoints in " + load_dir,

@@ -77,6 +77,8 @@ CheckpointManifest parse_checkpoint_manifest(const std::string& json_text,
     if (!doc.is_object() || doc.at("format") != kFormat || doc.at("version") != kVersion ||
         doc.at("hash") != "xxh64")
       throw RuntimeError("not a version " + std::to_string(kVersion) + " xxh64 manifest");
+    if (!doc.at("iteration").is_number_integer())
+      throw RuntimeError("\"iteration\" is not an integer");
     manifest.iteration = doc.at("iteration").get<int64_t>();
     if (manifest.iteration < 0) throw RuntimeError("negative iteration");
     const json& files = doc.at("files");
@@ -84,6 +86,8 @@ CheckpointManifest parse_checkpoint_manifest(const std::string& json_text,
     for (const auto& [name, entry] : files.items()) {
       if (!is_plain_file_name(name)) throw RuntimeError("bad file name \"" + name + "\"");
       FileDigest digest;
+      if (!entry.at("bytes").is_number_unsigned())  // get<uint64_t> would wrap a negative
+        throw RuntimeError("bad size for " + name + ": " + entry.at("bytes").dump());
       digest.bytes = entry.at("bytes").get<uint64_t>();
       digest.xxh64 = entry.at("xxh64").get<std::string>();
       if (!is_hex_digest(digest.xxh64))

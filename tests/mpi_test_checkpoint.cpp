@@ -24,6 +24,7 @@
 #include "launcher/trainer.h"
 #include "model/checkpoint.h"
 #include "model/safetensors.h"
+#include "tests/expect_error.h"
 #include "tests/mpi_testing.h"
 
 namespace moe {
@@ -311,21 +312,6 @@ TEST_F(CheckpointTest, ReshardedLoadOfEveryLayoutIsExact) {
   EXPECT_EQ(report_worst("every rank of 9 layouts vs the one-process load", worst), 0.0);
 }
 
-// The message of the `Error` that `action` throws; a test failure if it throws nothing else.
-template <typename Error>
-std::string message_of(const std::function<void()>& action) {
-  try {
-    action();
-  } catch (const Error& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "threw the wrong error: " << e.what();
-    return {};
-  }
-  ADD_FAILURE() << "threw nothing";
-  return {};
-}
-
 // Flips one byte in the middle of a file, as a bad disk or a damaged copy would.
 void flip_a_byte(const fs::path& file) {
   std::fstream io(file, std::ios::in | std::ios::out | std::ios::binary);
@@ -383,7 +369,7 @@ TEST_F(CheckpointTest, IncompleteOrDamagedNewestCheckpointFallsBackToThePrevious
   barrier();
   expect_fallback(last_rank_file + " does not match its xxh64 checksum");
   const std::string damaged =
-      message_of<RuntimeError>([&] { choose_checkpoint(second.string(), *world); });
+      testing::error_message<RuntimeError>([&] { choose_checkpoint(second.string(), *world); });
   EXPECT_NE(damaged.find("damaged"), std::string::npos) << damaged;
 
   barrier();
@@ -396,12 +382,13 @@ TEST_F(CheckpointTest, IncompleteOrDamagedNewestCheckpointFallsBackToThePrevious
 
   resume.load_dir = path("nowhere");
   std::string message =
-      message_of<RuntimeError>([&] { Trainer trainer(resume, world_size(), world_rank()); });
+      testing::error_message<RuntimeError>([&] { Trainer t(resume, world_size(), world_rank()); });
   EXPECT_NE(message.find(resume.load_dir), std::string::npos) << message;
 
   resume.load_dir = o.save_dir;
   resume.model.num_layers = 3;
-  message = message_of<UsageError>([&] { Trainer trainer(resume, world_size(), world_rank()); });
+  message =
+      testing::error_message<UsageError>([&] { Trainer t(resume, world_size(), world_rank()); });
   if (world_rank() == 0) std::printf("  other model: %s\n", message.c_str());
   EXPECT_NE(message.find("num_layers 2, this run has 3"), std::string::npos) << message;
 }
