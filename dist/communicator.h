@@ -66,7 +66,7 @@ std::unique_ptr<Communicator> make_mpi_split_communicator(int color, int key);
 // the CUDA backend's stream with events; host pointers go through `host`, the MPI (or self)
 // communicator of the same group. With nccl_world == nullptr the group is a world of its own
 // (its ncclUniqueId broadcast over `host`); otherwise it is ncclCommSplit from nccl_world,
-// which is collective over nccl_world. A group of one copies with cudaMemcpy, no NCCL. A
+// which is collective over nccl_world (a group of one is an NCCL communicator of one rank). A
 // collective that does not finish within timeout_seconds aborts the NCCL communicator and
 // throws a RuntimeError naming the operation and the rank. Throws in a build without CUDA.
 std::unique_ptr<Communicator> make_nccl_communicator(std::unique_ptr<Communicator> host,

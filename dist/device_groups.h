@@ -11,8 +11,9 @@ namespace moe {
 int node_local_rank();
 
 // The same groups as `host_groups` (same members and ranks), each wrapped by
-// make_nccl_communicator: the world from an ncclUniqueId, the rest split from it. Collective
-// over every rank. Throws RuntimeError in a build without CUDA.
+// make_nccl_communicator: the world from an ncclUniqueId, the rest split from it. A world of
+// one process needs no NCCL: its groups copy device memory with cudaMemcpy. Collective over
+// every rank. Throws RuntimeError in a build without CUDA.
 ProcessGroups make_device_process_groups(ProcessGroups host_groups, double timeout_seconds);
 
 }  // namespace moe

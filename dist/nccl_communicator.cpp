@@ -350,7 +350,6 @@ std::unique_ptr<Communicator> make_nccl_communicator(std::unique_ptr<Communicato
     return std::make_unique<NcclCommunicator>(std::move(host), comm, timeout_seconds, world_rank);
   }
   world_rank = host->rank();
-  if (host->size() == 1) return std::make_unique<DeviceSelfCommunicator>(std::move(host));
   ncclUniqueId id{};
   if (host->rank() == 0) {
     const ncclResult_t result = ncclGetUniqueId(&id);
@@ -370,6 +369,15 @@ std::unique_ptr<Communicator> make_nccl_communicator(std::unique_ptr<Communicato
 
 ProcessGroups make_device_process_groups(ProcessGroups host_groups, double timeout_seconds) {
   ProcessGroups groups;
+  if (host_groups.world->size() == 1) {
+    // One process (one GPU): every group is the identity; no NCCL communicator is needed.
+    groups.world = std::make_unique<DeviceSelfCommunicator>(std::move(host_groups.world));
+    groups.tp = std::make_unique<DeviceSelfCommunicator>(std::move(host_groups.tp));
+    groups.dp = std::make_unique<DeviceSelfCommunicator>(std::move(host_groups.dp));
+    groups.ep = std::make_unique<DeviceSelfCommunicator>(std::move(host_groups.ep));
+    groups.expert_dp = std::make_unique<DeviceSelfCommunicator>(std::move(host_groups.expert_dp));
+    return groups;
+  }
   groups.world = make_nccl_communicator(std::move(host_groups.world), nullptr, timeout_seconds);
   groups.tp = make_nccl_communicator(std::move(host_groups.tp), groups.world.get(), timeout_seconds);
   groups.dp = make_nccl_communicator(std::move(host_groups.dp), groups.world.get(), timeout_seconds);
