@@ -165,7 +165,12 @@ Definitions:
         w.append(f"**Target** (E = 8 reaches dense's final validation loss in at most 1/1.3 of "
                  f"its steps, mean over seeds): **{'met' if met else 'not met'}**; measured "
                  f"speedup {'not reached' if math.isnan(speedup) else f'{speedup:.2f}x'} "
-                 f"({e8['seeds_reaching_dense']}/{e8['finished']} seeds reach the dense value).")
+                 f"({e8['seeds_reaching_dense']}/{e8['finished']} seeds reach the dense value).\n")
+    fall = late_fall(os.path.join(figures, "study1_val_curves.dat"))
+    if fall:
+        w.append("Fall of the validation curve over the last 20% of training (how far from "
+                 "converged the budget leaves each arm): " +
+                 ", ".join(f"{arm} {drop:.3f}" for arm, drop in fall) + " nats.\n")
     gaps = train_val_gaps(os.path.join(figures, "study1_train_vs_val.dat"))
     if gaps:
         w.append("Training minus validation loss over the last evaluation window (negative: "
@@ -267,6 +272,21 @@ Definitions:
              "PNGs and `benchmarks/quality/report.py` writes this page.")
     with open(doc, "w") as f:
         f.write("\n".join(w) + "\n")
+
+
+def late_fall(path):
+    """Per arm: validation loss at 80% of training minus at the end."""
+    if not os.path.exists(path):
+        return []
+    lines = [l.split() for l in open(path)]
+    header, body = lines[0], lines[1:]
+    if len(body) < 2:
+        return []
+    last = body[-1]
+    cut = float(last[0]) * 0.8
+    start = min(body, key=lambda row: abs(float(row[0]) - cut))
+    return [(header[i], num(start[i]) - num(last[i])) for i in range(1, len(header))
+            if not math.isnan(num(start[i]) - num(last[i]))]
 
 
 def train_val_gaps(path):
