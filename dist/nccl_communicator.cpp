@@ -117,9 +117,10 @@ class NcclCommunicator final : public Communicator {
   }
   std::unique_ptr<PendingCollective> allreduce_sum_async(float* data, size_t count) override {
     if (!is_device_pointer(data)) return host_->allreduce_sum_async(data, count);
+    // The default stream does not wait for it yet: backward goes on while it runs.
     return run("all-reduce (non-blocking)", [&] {
       return ncclAllReduce(data, data, count, ncclFloat32, ncclSum, comm_, stream_);
-    });
+    }, /*order_default_stream=*/false);
   }
   void allgather(float* recv, const float* send, size_t count) override {
     if (!device_pair(recv, send, "all-gather")) return host_->allgather(recv, send, count);
@@ -238,7 +239,8 @@ class NcclCommunicator final : public Communicator {
     return recv_device;
   }
   template <typename Enqueue>
-  std::unique_ptr<NcclPending> run(const char* operation, Enqueue&& enqueue) {
+  std::unique_ptr<NcclPending> run(const char* operation, Enqueue&& enqueue,
+                                   bool order_default_stream = true) {
     const Clock::time_point start = Clock::now();
     if (comm_ == nullptr) fail(operation, "the communicator was aborted by an earlier failure");
     // The communication stream starts after everything the backend queued so far.
@@ -249,8 +251,8 @@ class NcclCommunicator final : public Communicator {
     cudaEvent_t done = nullptr;
     cuda_ok(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), operation);
     cuda_ok(cudaEventRecord(done, stream_), operation);
-    // Backend ops queued after this call wait for the collective.
-    cuda_ok(cudaStreamWaitEvent(0, done, 0), operation);
+    // Backend ops queued after this call (after wait(), for a non-blocking one) wait for it.
+    if (order_default_stream) cuda_ok(cudaStreamWaitEvent(0, done, 0), operation);
     return std::make_unique<NcclPending>(this, operation, done, start);
   }
 
@@ -262,7 +264,10 @@ class NcclCommunicator final : public Communicator {
   cudaEvent_t ready_ = nullptr;
 };
 
-void NcclPending::wait() { owner_->await(operation_, start_, done_); }
+void NcclPending::wait() {
+  owner_->await(operation_, start_, done_);
+  cuda_ok(cudaStreamWaitEvent(0, done_, 0), operation_);  // order later backend ops after it
+}
 
 // A group of one: every collective is a copy (or nothing), on device memory with cudaMemcpy
 // in the default stream's order, on host memory through `host`.

@@ -2,6 +2,7 @@
 // accumulation and output, an optional bias epilogue, strided batches. The algorithm is
 // chosen by cuBLASLt's heuristic once per shape and cached.
 #include <string>
+#include <utility>
 
 #include "core/cuda/cuda_backend.h"
 
@@ -29,6 +30,17 @@ void make_layout(cublasLtMatrixLayout_t* layout, cudaDataType_t type, int rows, 
     CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(
         *layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
   }
+}
+
+// The largest power of two (at most 256) dividing the address of every batch's matrix:
+// cuBLASLt's heuristic assumes 256-byte alignment unless told, and sub-matrices of the flat
+// parameter buffer (or an expert's rows) are often less aligned.
+uint32_t alignment(const void* ptr, long long stride_bytes, int batch) {
+  uintptr_t bits = reinterpret_cast<uintptr_t>(ptr);
+  if (batch > 1) bits |= static_cast<uintptr_t>(stride_bytes);
+  uint32_t align = 256;
+  while (align > 1 && bits % align != 0) align >>= 1;
+  return align;
 }
 
 }  // namespace
@@ -62,7 +74,12 @@ void CudaBackend::gemm(const GemmCall& g) {
               g.stride_b);
   make_layout(&d.c, CUDA_R_32F, g.m, g.n, g.ldc, g.batch, g.stride_c);
 
-  const std::string key = std::to_string(g.trans_a) + std::to_string(g.trans_b) + "," +
+  const long long operand_bytes = g.fp32 ? 4 : 2;
+  const uint32_t align_a = alignment(g.a, g.stride_a * operand_bytes, g.batch);
+  const uint32_t align_b = alignment(g.b, g.stride_b * operand_bytes, g.batch);
+  const uint32_t align_c = alignment(g.c, g.stride_c * 4, g.batch);
+  const std::string key = std::to_string(align_a) + "," + std::to_string(align_b) + "," +
+                          std::to_string(align_c) + "," + std::to_string(g.trans_a) + std::to_string(g.trans_b) + "," +
                           std::to_string(g.m) + "," + std::to_string(g.n) + "," +
                           std::to_string(g.k) + "," + std::to_string(g.lda) + "," +
                           std::to_string(g.ldb) + "," + std::to_string(g.ldc) + "," +
@@ -77,6 +94,14 @@ void CudaBackend::gemm(const GemmCall& g) {
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
         preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &lt_workspace_bytes_,
         sizeof(lt_workspace_bytes_)));
+    const std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t> alignments[] = {
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_a},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_b},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_c},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_c}};
+    for (const auto& [attribute, bytes] : alignments)
+      CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, attribute, &bytes,
+                                                        sizeof(bytes)));
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
     const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
