@@ -139,6 +139,9 @@ void validate_plan(const Workload& w, const PlanLayout& layout, const Hardware& 
     if (!ok) throw UsageError(what);
   };
   require(layout.tp >= 1 && layout.ep >= 1 && layout.dp >= 1, "tp, ep and dp must be positive");
+  require(layout.world() == hw.nodes * hw.ranks_per_node,
+          "the layout has " + std::to_string(layout.world()) + " ranks, the cluster " +
+              std::to_string(hw.nodes * hw.ranks_per_node));
   require(m.num_attention_heads % layout.tp == 0,
           "tp " + std::to_string(layout.tp) + " does not divide the " +
               std::to_string(m.num_attention_heads) + " attention heads");
@@ -157,9 +160,6 @@ void validate_plan(const Workload& w, const PlanLayout& layout, const Hardware& 
           "micro-batch " + std::to_string(w.micro_batch_size) + " x dp " +
               std::to_string(layout.dp) + " does not divide the global batch " +
               std::to_string(global));
-  require(layout.world() == hw.nodes * hw.ranks_per_node,
-          "the layout has " + std::to_string(layout.world()) + " ranks, the cluster " +
-              std::to_string(hw.nodes * hw.ranks_per_node));
 }
 
 // Parameters (DESIGN.md, Formats: the tensors of the safetensors names). The tp split follows
