@@ -14,6 +14,7 @@
 // MFU = achieved / the best of the per-shape median sgemm rates ("measured sgemm peak").
 #include <omp.h>
 #include <oneapi/dnnl/dnnl.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -33,6 +34,7 @@
 #include "core/error.h"
 #include "dist/communicator.h"
 #include "launcher/options.h"
+#include "launcher/perf_model.h"
 #include "launcher/trainer.h"
 
 namespace po = boost::program_options;
@@ -195,6 +197,20 @@ std::vector<GemmCase> model_gemms(const ModelConfig& c, int tokens, double capac
 }
 
 // Matmul weights one token passes through (P_tok of the formula above).
+// Peak resident memory of this process so far (getrusage's ru_maxrss is in KiB on Linux), and
+// the resident memory now (/proc/self/statm, in pages).
+double peak_resident_bytes() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_maxrss * 1024.0;
+}
+double resident_bytes() {
+  std::ifstream statm("/proc/self/statm");
+  double size_pages = 0, resident_pages = 0;
+  statm >> size_pages >> resident_pages;
+  return resident_pages * static_cast<double>(sysconf(_SC_PAGESIZE));
+}
+
 double matmul_params_per_token(const ModelConfig& c) {
   const double C = c.hidden_size, F = c.ffn_hidden_size;
   double params = c.vocab_size * C;  // logits against the tied wte
@@ -222,6 +238,7 @@ int run(int argc, char** argv) {
   }
   if (bench->data_label.empty()) bench->data_label = bench->data_path;
   const TrainOptions options = make_train_options(*bench);
+  const double resident_before_trainer = resident_bytes();  // libraries, runtime, no model
   Trainer trainer(options, /*world_size=*/1, /*world_rank=*/0);  // sets the OpenMP threads that the sgemm runs on too
   random_data.reset();               // the trainer holds the tokens in memory now
 
@@ -290,6 +307,21 @@ int run(int argc, char** argv) {
               on_gpu ? "bf16 cuBLASLt" : "sgemm");
   std::printf("%-22s %12.4f   (last iteration)\n", "lm_loss", last.lm_loss);
   std::printf("flops: %s\n", kFlopsFormula);
+  // Peak memory against moe-plan's analytic estimate (launcher/perf_model.cpp): fp32 weights
+  // and gradients, AdamW m and v, one micro-batch of activations. The data tokens and oneDNN's
+  // scratch are in the measurement, not in the estimate.
+  Workload work{config, T, options.micro_batch_size, global_batch, options.capacity_factor};
+  const MemoryEstimate estimate = estimate_memory(work, PlanLayout{}, 4, 4, 8, 4);
+  const double peak_bytes = peak_resident_bytes();
+  const double measured_bytes = peak_bytes - resident_before_trainer;
+  std::printf("%-22s %12.1f MiB   (getrusage maxrss; %.1f MiB resident before the trainer)\n",
+              "peak memory", peak_bytes / 1048576, resident_before_trainer / 1048576);
+  std::printf("%-22s %12.1f MiB   (weights %.1f + grads %.1f + AdamW %.1f + activations %.1f)\n",
+              "analytic estimate", estimate.total() / 1048576, estimate.weights / 1048576,
+              estimate.grads / 1048576, estimate.optimizer / 1048576,
+              estimate.activations / 1048576);
+  std::printf("%-22s %12.3f   (peak - before trainer) / estimate\n", "memory ratio",
+              measured_bytes / estimate.total());
   if (skipped > 0) std::printf("warning: %d timed iterations were skipped (non-finite)\n", skipped);
 
   if (bench->json) {
@@ -324,6 +356,14 @@ int run(int argc, char** argv) {
         {"data", bench->data_label},
         {"final_lm_loss", last.lm_loss},
         {"skipped_iters", skipped},
+        {"memory", {{"peak_rss_bytes", peak_bytes},
+                    {"rss_before_trainer_bytes", resident_before_trainer},
+                    {"estimate_bytes", estimate.total()},
+                    {"estimate_weights_bytes", estimate.weights},
+                    {"estimate_grads_bytes", estimate.grads},
+                    {"estimate_optimizer_bytes", estimate.optimizer},
+                    {"estimate_activations_bytes", estimate.activations},
+                    {"ratio", measured_bytes / estimate.total()}}},
     });
   }
   return 0;
