@@ -37,6 +37,9 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS
 # Open MPI's CMA single copy stalls for milliseconds on this kind of machine (measured with
 # bench_alltoall); shared-memory copies are steady. Override by setting the variable.
 export OMPI_MCA_btl_vader_single_copy_mechanism=${OMPI_MCA_btl_vader_single_copy_mechanism:-none}
+# A rank waiting in a collective yields its core: other jobs share these cores, and a spinning
+# rank would take the time slice its peer needs to arrive.
+export OMPI_MCA_mpi_yield_when_idle=${OMPI_MCA_mpi_yield_when_idle:-1}
 mpirun=(mpirun --oversubscribe --bind-to none)
 config=$root/configs/switch-small.ini
 common=(--config "$config" --data-path "$data" --global-batch-size 32 --micro-batch-size 16
