@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "core/backend.h"
+#include "core/cuda_gemm_rate.h"
 #include "core/error.h"
 
 namespace moe {
@@ -168,5 +169,8 @@ class CudaBackend final : public Backend {
 
 // Elementwise fp32 -> bf16 on the default stream: out (n) = bf16(inp (n)).
 void launch_to_bf16(__nv_bfloat16* out, const float* inp, size_t n);
+
+// The bf16 GEMM rate of the current device through CudaBackend::gemm (gemm_rate.cu).
+GemmRate measure_gemm_rate(int m, int n, int k, int reps);
 
 }  // namespace moe

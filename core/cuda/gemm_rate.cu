@@ -4,7 +4,6 @@
 #include <vector>
 
 #include "core/cuda/cuda_backend.h"
-#include "core/cuda_gemm_rate.h"
 
 namespace moe {
 namespace {
@@ -23,7 +22,7 @@ __global__ void fill_random_kernel(float* x, size_t n, unsigned seed) {
 
 }  // namespace
 
-GemmRate measure_cuda_gemm_rate(int m, int n, int k, int reps) {
+GemmRate measure_gemm_rate(int m, int n, int k, int reps) {
   int device = 0;
   CUDA_CHECK(cudaGetDevice(&device));
   CudaBackend backend(device);

@@ -19,15 +19,6 @@ void cublas_check(cublasStatus_t status, const char* call, const char* file, int
                      std::to_string(line));
 }
 
-std::string cuda_unavailable_reason() {
-  int count = 0;
-  const cudaError_t status = cudaGetDeviceCount(&count);
-  if (status != cudaSuccess)
-    return std::string("no CUDA device: cudaGetDeviceCount says ") + cudaGetErrorString(status);
-  if (count == 0) return "no CUDA device: the driver sees no GPU";
-  return "";
-}
-
 CudaBackend::CudaBackend(int device) : device_(device) {
   int count = 0;
   const cudaError_t status = cudaGetDeviceCount(&count);
@@ -159,9 +150,5 @@ void CudaBackend::fill_zero(void* ptr, size_t bytes) {
 }
 
 void CudaBackend::synchronize() { CUDA_CHECK(cudaDeviceSynchronize()); }
-
-std::unique_ptr<Backend> make_cuda_backend(int device) {
-  return std::make_unique<CudaBackend>(device);
-}
 
 }  // namespace moe
