@@ -67,6 +67,8 @@ export LD_LIBRARY_PATH=$sys/usr/lib/$arch_lib:$sys/usr/lib/$arch_lib/openmpi/lib
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # One node, no fabric: shared memory between ranks, no UCX/OFI probing.
 export OMPI_MCA_pml=ob1 OMPI_MCA_btl=self,vader OMPI_MCA_mtl=^ofi,psm,psm2 OMPI_MCA_osc=^ucx
+# Every run here is one process (one GPU): a singleton MPI start without an orted daemon.
+export OMPI_MCA_ess_singleton_isolated=1
 
 # NCCL: the toolkit's, else the one PyTorch's wheels bring (nvidia-nccl-cu*).
 nccl_args=()
@@ -101,7 +103,7 @@ log "build"
 targets=(test_cuda_ops test_cuda_model mpi_test_nccl bench_step)
 cmake --build "$build" -j "$(nproc)" --target "${targets[@]}" > "$build/build.log" 2>&1 ||
   { grep -E "error|Error" -A3 "$build/build.log" | head -40; keep "$build/build.log"; die "build failed"; }
-for t in "$build"/tests/test_cuda_ops "$build"/benchmarks/bench_step; do
+for t in "$build"/tests/test_cuda_ops "$build"/benchmarks/bench_step "$build"/libmoe_cuda_backend.so; do
   missing=$(ldd "$t" | grep "not found")
   [[ -z "$missing" ]] || die "$t cannot load: $missing"
 done
