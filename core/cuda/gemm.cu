@@ -43,10 +43,34 @@ uint32_t alignment(const void* ptr, long long stride_bytes, int batch) {
   return align;
 }
 
+// c (n columns of ldc, the first m rows of each) += bias (m): the epilogue's work, for a bias
+// that cuBLASLt's epilogue cannot take (a pointer inside the flat parameter buffer is only
+// 4-byte aligned).
+__global__ void add_bias_kernel(float* c, const float* bias, int m, int n, int ldc) {
+  const size_t total = static_cast<size_t>(m) * n;
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const size_t column = i / m;
+    const int row = static_cast<int>(i % m);
+    c[column * ldc + row] += bias[row];
+  }
+}
+
 }  // namespace
 
-void CudaBackend::gemm(const GemmCall& g) {
-  if (g.m == 0 || g.n == 0 || g.batch == 0) return;
+void CudaBackend::gemm(const GemmCall& call) {
+  if (call.m == 0 || call.n == 0 || call.batch == 0) return;
+  MOE_CHECK(call.bias == nullptr || call.batch == 1, "gemm: a bias needs a single product");
+  if (call.bias != nullptr && reinterpret_cast<uintptr_t>(call.bias) % 16 != 0) {
+    GemmCall without_bias = call;
+    without_bias.bias = nullptr;
+    gemm(without_bias);
+    add_bias_kernel<<<grid_for(static_cast<size_t>(call.m) * call.n), kThreads>>>(
+        call.c, call.bias, call.m, call.n, call.ldc);
+    CUDA_CHECK_LAUNCH();
+    return;
+  }
+  const GemmCall& g = call;
   note_write(g.c);
   const cudaDataType_t operand = g.fp32 ? CUDA_R_32F : CUDA_R_16BF;
   LtDescriptors d;
@@ -108,6 +132,16 @@ void CudaBackend::gemm(const GemmCall& g) {
         lt_, d.op, d.a, d.b, d.c, d.c, preference, 1, &result, &found);
     cublasLtMatmulPreferenceDestroy(preference);
     CUBLAS_CHECK(status);
+    if (found == 0 && g.bias != nullptr) {
+      // No kernel with the bias epilogue for this shape: the product, then the bias.
+      GemmCall without_bias = g;
+      without_bias.bias = nullptr;
+      gemm(without_bias);
+      add_bias_kernel<<<grid_for(static_cast<size_t>(g.m) * g.n), kThreads>>>(g.c, g.bias, g.m,
+                                                                             g.n, g.ldc);
+      CUDA_CHECK_LAUNCH();
+      return;
+    }
     if (found == 0)
       throw RuntimeError("cuBLASLt has no algorithm for the GEMM " + key);
     it = algo_cache_.emplace(key, result.algo).first;
