@@ -3,7 +3,9 @@
 # at 1 rank and at 2 expert-parallel ranks. Each round measures, in turn, the calibration rates
 # (plan_calibrate: GEMM, attention, memory; bench_alltoall: the link) and both training runs,
 # so that the rates and the steps see the same load from other jobs; the medians over the
-# rounds are compared. Exit status 1 when a prediction is off by more than --tolerance.
+# rounds are compared. The per-rank rates for an N-rank run are measured with N copies of
+# plan_calibrate running at once, as the N ranks share the cores and the memory bus.
+# Exit status 1 when a prediction is off by more than --tolerance.
 #
 # usage: benchmarks/plan_check.sh [BUILD_DIR] [--rounds 3] [--iters 10] [--tolerance 0.2]
 #                                 [--data-path FILE] [--out DIR]
@@ -46,8 +48,13 @@ common=(--config "$config" --data-path "$data" --global-batch-size 32 --micro-ba
         --train-iters "$iters" --threads 1 --valid-fraction 0 --log-interval 1000
         --data-order sequential)
 for round in $(seq "$rounds"); do
-  "$build/benchmarks/plan_calibrate" --config "$config" --global-batch-size 32 --threads 1 \
-    --rounds 3 --json "$work/rates_$round.json" > /dev/null
+  for n in 1 2; do
+    for copy in $(seq "$n"); do
+      "$build/benchmarks/plan_calibrate" --config "$config" --global-batch-size 32 --threads 1 \
+        --rounds 3 --json "$work/rates${n}_${round}_$copy.json" > /dev/null &
+    done
+    wait
+  done
   "${mpirun[@]}" -np 2 "$build/benchmarks/bench_alltoall" -b 64K -e 4M -f 4 -n 20 \
     --json "$work/alltoall_$round.json" > /dev/null
   "$build/moe-train" "${common[@]}" --metrics-file "$work/ranks1_$round.jsonl" > /dev/null
@@ -58,26 +65,33 @@ done
 /usr/bin/python3 - "$work" "$rounds" "$out" <<'PY'
 import json, statistics, sys
 work, rounds, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-rates = [json.load(open(f"{work}/rates_{r}.json")) for r in range(1, rounds + 1)]
-merged = dict(rates[0])
-for key in ("gemm_gflops", "attention_gflops", "memory_gbps"):
-    merged[key] = statistics.median(r[key] for r in rates)
-merged["rounds_merged"] = rounds
-json.dump(merged, open(f"{work}/rates.json", "w"))
+calibration = {}
+for n in (1, 2):
+    rates = [json.load(open(f"{work}/rates{n}_{r}_{c}.json"))
+             for r in range(1, rounds + 1) for c in range(1, n + 1)]
+    merged = dict(rates[0])
+    for key in ("gemm_gflops", "attention_gflops", "memory_gbps"):
+        merged[key] = statistics.median(r[key] for r in rates)
+    merged["rounds_merged"] = rounds
+    merged["concurrent_copies"] = n
+    json.dump(merged, open(f"{work}/rates{n}.json", "w"))
+    calibration[f"plan_calibrate_{n}_concurrent"] = merged
 a2a = [json.load(open(f"{work}/alltoall_{r}.json")) for r in range(1, rounds + 1)]
 merged = dict(a2a[0])
 for i, row in enumerate(merged["rows"]):
     for key in ("busbw", "time_us"):
         row["ours"][key] = statistics.median(a["rows"][i]["ours"][key] for a in a2a)
 json.dump(merged, open(f"{work}/alltoall.json", "w"))
-json.dump({"plan_calibrate": json.load(open(f"{work}/rates.json")), "alltoall": merged},
-          open(f"{out}/calibration.json", "w"), indent=1)
+calibration["alltoall"] = merged
+json.dump(calibration, open(f"{out}/calibration.json", "w"), indent=1)
 PY
 plan=("$build/moe-plan" --config "$config" --global-batch-size 32 --micro-batch-size 16
-      --calibrate "$work/rates.json" --calibrate "$work/alltoall.json" --json)
-"${plan[@]}" --gpus-per-node 1 | tail -n 1 > "$work/plan1.json"
-"${plan[@]}" --gpus-per-node 2 --expert-model-parallel-size 2 | tail -n 1 > "$work/plan2.json"
-"${plan[@]}" --gpus-per-node 2 --expert-model-parallel-size 2 > "$out/plan_switch_small_ep2.txt"
+      --calibrate "$work/alltoall.json" --json)
+"${plan[@]}" --calibrate "$work/rates1.json" --gpus-per-node 1 | tail -n 1 > "$work/plan1.json"
+"${plan[@]}" --calibrate "$work/rates2.json" --gpus-per-node 2 --expert-model-parallel-size 2 \
+  | tail -n 1 > "$work/plan2.json"
+"${plan[@]}" --calibrate "$work/rates2.json" --gpus-per-node 2 --expert-model-parallel-size 2 \
+  > "$out/plan_switch_small_ep2.txt"
 /usr/bin/python3 - "$work" "$rounds" "$out" "$tolerance" <<'PY'
 import json, statistics, sys
 work, rounds, out, tolerance = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])

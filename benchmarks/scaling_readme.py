@@ -119,7 +119,7 @@ def plan_section(perf, lines):
     path = f"{perf}/plan_check.json"
     if os.path.exists(path):
         p = load(path)
-        lines += [f"**moe-plan against measured steps** (`benchmarks/plan_check.sh build {p.get('args', '')}`): "
+        lines += [f"**moe-plan against measured steps** (`benchmarks/plan_check.sh build {p.get('command_args', '')}`): "
                   "switch-small, global batch 32, 1 thread per rank; the model is calibrated from "
                   "`plan_calibrate` (GEMM, attention and memory rates of the model's own kernels) and "
                   "`bench_alltoall` measured in the same rounds as the training runs "

@@ -66,7 +66,7 @@ echo "{\"args\": \"$(echo "$sweep_args" | sed 's/"/\\"/g')\"}" > "$out/scaling_m
 
 "$build/moe-plan" --projection > "$out/projection.md"
 
-machine="$(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB"
+machine="$(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $(nproc --all) cores, $(free -g | awk '/Mem:/ {print $2}') GiB"
 printf '{"date": "%s", "machine": "%s", "load_start": "%s", "load_end": "%s"}\n' \
   "$(date -u +%Y-%m-%d)" "$machine" "$load_start" "$(load)" > "$out/report_meta.json"
 /usr/bin/python3 "$root/benchmarks/scaling_readme.py" --perf "$out" --readme "$root/README.md"
