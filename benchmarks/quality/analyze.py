@@ -14,7 +14,8 @@ Definitions (also printed in RESULTS.md by report.py):
                          arm's final curve value (mean over dense seeds), interpolated linearly
                          between evaluations; speedup = dense iterations / that step
   spike                  an iteration after warmup whose lm_loss exceeds 1.2 x the median of the
-                         previous 20 iterations' lm_loss
+                         previous 20 iterations' lm_loss (the same rule within warm-up, from
+                         iteration 21, is reported apart as a warm-up spike)
   divergence             a run that failed, skipped an iteration (non-finite loss or gradient),
                          or ended with a final validation loss at or above the entropy of the
                          training bytes' unigram distribution (it learned less than byte counts)
@@ -77,10 +78,11 @@ class Run:
         return sum(1 for m in self.train if m.get("skipped")) + sum(
             1 for m in self.train if not math.isfinite(m["lm_loss"]))
 
-    def spikes(self, warmup):
+    def spikes(self, first, last=None):
+        """Iterations k (0-based index in [first, last)) whose loss is a spike."""
         losses = [m["lm_loss"] for m in self.train]
         found = []
-        for k in range(max(warmup, SPIKE_WINDOW), len(losses)):
+        for k in range(max(first, SPIKE_WINDOW), len(losses) if last is None else last):
             if losses[k] > SPIKE_FACTOR * statistics.median(losses[k - SPIKE_WINDOW:k]):
                 found.append(self.train[k]["iteration"])
         return found
@@ -214,18 +216,23 @@ def main():
         diverged = [r for r in group if r.failed or r.skipped() > 0 or
                     not math.isfinite(r.final_val()) or r.final_val() >= entropy]
         spikes = [len(r.spikes(warmup)) for r in group]
+        # The same rule inside warm-up (from iteration SPIKE_WINDOW + 1), reported apart.
+        warmup_spikes = [len(r.spikes(0, warmup)) for r in group]
         rows.append([scale, len(group), mean(finals), std(finals),
                      min(finals, default=float("nan")), max(finals, default=float("nan")),
-                     len(diverged), sum(1 for s in spikes if s > 0), sum(spikes)])
+                     len(diverged), sum(1 for s in spikes if s > 0), sum(spikes),
+                     sum(1 for s in warmup_spikes if s > 0), sum(warmup_spikes)])
         for r in group:
             per_run.append([scale, r.seed, r.final_val(), int(r.failed), r.skipped(),
-                            len(r.spikes(warmup)), " ".join(map(str, r.spikes(warmup)))])
+                            len(r.spikes(warmup)), " ".join(map(str, r.spikes(warmup))),
+                            " ".join(map(str, r.spikes(0, warmup)))])
     write_csv(os.path.join(figures, "study2_init_scale.csv"),
               ["init_scale", "runs", "final_val_mean", "final_val_std", "final_val_min",
-               "final_val_max", "diverged", "runs_with_spikes", "spikes"], rows)
+               "final_val_max", "diverged", "runs_with_spikes", "spikes",
+               "runs_with_warmup_spikes", "warmup_spikes"], rows)
     write_csv(os.path.join(figures, "study2_runs.csv"),
               ["init_scale", "seed", "final_val", "failed", "skipped_iterations", "spikes",
-               "spike_iterations"], per_run)
+               "spike_iterations", "warmup_spike_iterations"], per_run)
     for arm, scale in (("e8", "0.1"), ("e8_init1", "1.0")):
         group = arms.get(arm, [])
         with open(os.path.join(figures, f"study2_train_init{scale}.dat"), "w") as f:
@@ -235,6 +242,13 @@ def main():
                           for r in group]
                 f.write(f"{k + 1} " + " ".join(values) + "\n")
     summary["study2_columns"] = len(arms.get("e8", [])), len(arms.get("e8_init1", []))
+
+    # The warm-up rule over every arm: is a warm-up spike the router's or the schedule's?
+    write_csv(os.path.join(figures, "warmup_spikes_by_arm.csv"),
+              ["arm", "runs", "runs_with_warmup_spikes", "runs_with_spikes"],
+              [[arm, len(group), sum(1 for r in group if r.spikes(0, warmup)),
+                sum(1 for r in group if r.spikes(warmup))]
+               for arm, group in sorted(arms.items())])
 
     # ---- Study 3: capacity factor.
     capacities = [("0.5", "e8_cf0.5"), ("1.0", "e8_cf1.0"), ("1.25", "e8"), ("2.0", "e8_cf2.0"),

@@ -120,7 +120,8 @@ Definitions:
   interpolated linearly between evaluations; *speedup* = {p['train_iters']} / its mean over
   the seeds that reach it.
 - *spike*: an iteration after warm-up whose training loss exceeds 1.2 x the median of the
-  previous 20 iterations' training loss.
+  previous 20 iterations' training loss. The same rule inside warm-up (from iteration 21)
+  counts *warm-up spikes*, reported apart.
 - *divergence*: a run that failed, skipped an iteration (non-finite loss or gradient), or ended
   with a final validation loss at or above the entropy of the training bytes' unigram
   distribution ({f3(summary['unigram_entropy'])} nats): it learned less than byte counts.
@@ -166,6 +167,12 @@ Definitions:
                  f"its steps, mean over seeds): **{'met' if met else 'not met'}**; measured "
                  f"speedup {'not reached' if math.isnan(speedup) else f'{speedup:.2f}x'} "
                  f"({e8['seeds_reaching_dense']}/{e8['finished']} seeds reach the dense value).\n")
+    dense_row = next((r for r in rows if r["arm"] == "dense"), None)
+    if e8 and dense_row:
+        gap = num(dense_row["final_val_mean"]) - num(e8["final_val_mean"])
+        w.append(f"Final validation loss, dense minus E = 8: {gap:+.3f} nats; the standard "
+                 f"deviation over seeds is {f3(dense_row['final_val_std'])} (dense) and "
+                 f"{f3(e8['final_val_std'])} (E = 8).\n")
     fall = late_fall(os.path.join(figures, "study1_val_curves.dat"))
     if fall:
         w.append("Fall of the validation curve over the last 20% of training (how far from "
@@ -181,21 +188,31 @@ Definitions:
     w.append("## 2. Initialization scale (Switch paper, Table 3)\n")
     rows = read_csv(os.path.join(figures, "study2_init_scale.csv"))
     w.append(table(["init scale", "runs", "final val loss mean", "std", "min", "max",
-                    "diverged", "runs with spikes", "spikes"],
+                    "diverged", "runs with spikes", "spikes", "runs with warm-up spikes",
+                    "warm-up spikes"],
                    [[r["init_scale"], r["runs"], f3(r["final_val_mean"]), f3(r["final_val_std"]),
                      f3(r["final_val_min"]), f3(r["final_val_max"]), r["diverged"],
-                     r["runs_with_spikes"], r["spikes"]] for r in rows]))
+                     r["runs_with_spikes"], r["spikes"], r["runs_with_warmup_spikes"],
+                     r["warmup_spikes"]] for r in rows]))
     w.append("\nPer run:\n")
     runs = read_csv(os.path.join(figures, "study2_runs.csv"))
     w.append(table(["init scale", "seed", "final val loss", "failed", "skipped iterations",
-                    "spikes (iterations)"],
+                    "spikes (iterations)", "warm-up spikes (iterations)"],
                    [[r["init_scale"], r["seed"], f3(r["final_val"]), r["failed"],
                      r["skipped_iterations"],
                      f"{r['spikes']}" + (f" ({r['spike_iterations']})" if r["spikes"] != "0"
-                                         else "")] for r in runs]))
+                                         else ""),
+                     r["warmup_spike_iterations"] or "–"] for r in runs]))
     w.append("")
     w.append(figure("study2_init_scale.png", "plot_study2.gp",
                     "Training loss of every seed at init scale 0.1 and 1.0 (E = 8)"))
+    by_arm = read_csv(os.path.join(figures, "warmup_spikes_by_arm.csv"))
+    if by_arm:
+        w.append("The same spike rules over every arm of every study (all at init scale 0.1 "
+                 "except e8_init1), runs with warm-up spikes / runs with spikes after warm-up / "
+                 "runs: " + ", ".join(f"{r['arm']} {r['runs_with_warmup_spikes']}/"
+                                      f"{r['runs_with_spikes']}/{r['runs']}" for r in by_arm) +
+                 ".\n")
     if len(rows) == 2:
         s_small, s_large = num(rows[0]["final_val_std"]), num(rows[1]["final_val_std"])
         met = s_small < s_large

@@ -1,0 +1,1 @@
+set ytics ("layer 1 e0" 0, "layer 1 e1" 1, "layer 1 e2" 2, "layer 1 e3" 3, "layer 1 e4" 4, "layer 1 e5" 5, "layer 1 e6" 6, "layer 1 e7" 7, "layer 3 e0" 8, "layer 3 e1" 9, "layer 3 e2" 10, "layer 3 e3" 11, "layer 3 e4" 12, "layer 3 e5" 13, "layer 3 e6" 14, "layer 3 e7" 15) font ",8"
