@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "core/durable_file.h"
@@ -39,6 +40,20 @@ struct Kind {
 constexpr std::array<Kind, 3> kKinds{{{"param/", &HostState::params},
                                       {"exp_avg/", &HostState::exp_avg},
                                       {"exp_avg_sq/", &HostState::exp_avg_sq}}};
+
+// An integer of hostile JSON as T: get<T>() would convert a float outside T's range (undefined
+// behaviour) and wrap a large integer, so both are refused here.
+template <typename T>
+T integer_value(const json& value, const std::string& what) {
+  if (!value.is_number_integer()) throw RuntimeError("\"" + what + "\" is not an integer");
+  const bool in_range =
+      value.is_number_unsigned()
+          ? value.get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<T>::max())
+          : value.get<int64_t>() >= std::numeric_limits<T>::min() &&
+                value.get<int64_t>() <= std::numeric_limits<T>::max();
+  if (!in_range) throw RuntimeError("\"" + what + "\" is out of range: " + value.dump());
+  return static_cast<T>(value.get<int64_t>());
+}
 
 std::string rank_file_name(int world_rank) {
   char name[32];
@@ -354,26 +369,27 @@ CheckpointInfo parse_checkpoint_info(const std::string& json_text,
     const json meta = json::parse(json_text);
     if (meta.at("format") != kFormat || meta.at("version") != kVersion)
       throw RuntimeError("not a version " + std::to_string(kVersion) + " checkpoint");
-    info.iteration = meta.at("iteration").get<int64_t>();
-    info.optimizer_steps = meta.at("optimizer_steps").get<int64_t>();
+    info.iteration = integer_value<int64_t>(meta.at("iteration"), "iteration");
+    info.optimizer_steps =
+        integer_value<int64_t>(meta.at("optimizer_steps"), "optimizer_steps");
     std::map<std::string, std::string> model;
     for (const auto& [key, value] : meta.at("model").items())
-      model[key] = std::to_string(value.get<int64_t>());
+      model[key] = std::to_string(integer_value<int>(value, key));
     info.config = ModelConfig::from_metadata(model, path);
     const json& layout = meta.at("layout");
-    info.world = layout.at("world").get<int>();
-    info.tp = layout.at("tp").get<int>();
-    info.dp = layout.at("dp").get<int>();
-    info.ep = layout.at("ep").get<int>();
+    info.world = integer_value<int>(layout.at("world"), "world");
+    info.tp = integer_value<int>(layout.at("tp"), "tp");
+    info.dp = integer_value<int>(layout.at("dp"), "dp");
+    info.ep = integer_value<int>(layout.at("ep"), "ep");
     info.training = meta.at("training").get<std::map<std::string, std::string>>();
     for (const json& rank : meta.at("ranks")) {
       SavedRank saved;
       saved.file = rank.at("file").get<std::string>();
-      saved.world_rank = rank.at("world_rank").get<int>();
-      saved.tp_rank = rank.at("tp_rank").get<int>();
-      saved.dp_rank = rank.at("dp_rank").get<int>();
-      saved.ep_rank = rank.at("ep_rank").get<int>();
-      saved.edp_rank = rank.at("edp_rank").get<int>();
+      saved.world_rank = integer_value<int>(rank.at("world_rank"), "world_rank");
+      saved.tp_rank = integer_value<int>(rank.at("tp_rank"), "tp_rank");
+      saved.dp_rank = integer_value<int>(rank.at("dp_rank"), "dp_rank");
+      saved.ep_rank = integer_value<int>(rank.at("ep_rank"), "ep_rank");
+      saved.edp_rank = integer_value<int>(rank.at("edp_rank"), "edp_rank");
       // A file name is a plain name inside the checkpoint, never a path out of it.
       if (saved.file.empty() || saved.file.find('/') != std::string::npos || saved.file[0] == '.')
         throw RuntimeError("bad rank file name \"" + saved.file + "\"");

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -24,6 +25,16 @@ std::string one_line(std::string text) {
   for (char& c : text)
     if (static_cast<unsigned char>(c) < 0x20) c = ' ';
   return text;
+}
+
+// A JSON value for a message: scalars as written (cut short), containers by kind only. Never
+// dump() a hostile container: its size is the file's, and dump() recurses once per nesting
+// level, so a deeply nested array would overflow the stack.
+std::string describe(const nlohmann::json& value) {
+  if (value.is_array()) return "an array of " + std::to_string(value.size()) + " entries";
+  if (value.is_object()) return "an object";
+  const std::string text = one_line(value.dump());
+  return text.size() <= 40 ? text : text.substr(0, 40) + "...";
 }
 
 uint64_t element_count(const std::vector<int64_t>& shape) {
@@ -147,6 +158,8 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   }
   if (!header.is_object()) throw fail("the safetensors header is not a JSON object");
 
+  std::map<uint64_t, uint64_t> claimed;  // data_offsets begin -> end of every non-empty tensor
+
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__") {
       if (!entry.is_object()) throw fail("__metadata__ is not a JSON object");
@@ -175,14 +188,14 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
     for (const nlohmann::json& dim : shape_json) {
       if (!dim.is_number_unsigned() ||
           dim.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
-        throw fail(what + " has a shape entry " + dim.dump() + " that is not a dimension");
+        throw fail(what + " has a shape entry " + describe(dim) + " that is not a dimension");
       tensor.shape.push_back(dim.get<int64_t>());
     }
 
     const nlohmann::json& offsets = entry["data_offsets"];
     if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
         !offsets[1].is_number_unsigned())
-      throw fail(what + " has data_offsets " + offsets.dump() + ", not [begin, end]");
+      throw fail(what + " has data_offsets " + describe(offsets) + ", not [begin, end]");
     const uint64_t begin = offsets[0].get<uint64_t>();
     const uint64_t end = offsets[1].get<uint64_t>();
     if (begin > end)
@@ -196,6 +209,17 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
     if (!fills_exactly(tensor.shape, bytes))
       throw fail(what + " has shape " + shape_string(tensor.shape) + " but its data_offsets span " +
                  std::to_string(bytes) + " bytes, not 4 x the element count");
+    // Tensors may not share bytes: otherwise a small file could name the same megabytes
+    // thousands of times, and the tensors read would outgrow the file without bound.
+    if (bytes > 0) {
+      const auto next = claimed.lower_bound(begin);  // the first range starting at or after begin
+      const bool overlaps_next = next != claimed.end() && next->first < end;
+      const bool overlaps_previous = next != claimed.begin() && std::prev(next)->second > begin;
+      if (overlaps_next || overlaps_previous)
+        throw fail(what + " has data_offsets [" + std::to_string(begin) + ", " +
+                   std::to_string(end) + "] overlapping another tensor's");
+      claimed.emplace(begin, end);
+    }
 
     tensor.data.resize(bytes / kFloatBytes);  // (product(shape)), at most the file size
     in.seekg(static_cast<std::streamoff>(data_start + begin));
