@@ -124,8 +124,15 @@ json.dump({"quick": $quick, "data": "$data", "num_layers": $layers, "hidden_size
            "switch_flags": """$(switch_arm E)"""}, open(sys.argv[1], "w"), indent=1)
 PY
 
-# The protocol's flags, one per line, for train_one.sh.
-printf '%s\n' "${common[@]}" > "$out/common.args"
+# The protocol's flags, one per line, for train_one.sh. Finished runs are reused only under the
+# same protocol (threads aside, which change no result).
+new_args=$(printf '%s\n' "${common[@]}")
+if [[ -f $out/common.args ]] && ls "$out"/runs/*/final.json > /dev/null 2>&1 &&
+   [[ $(sed '/^--threads$/,+1d' "$out/common.args") != $(sed '/^--threads$/,+1d' <<< "$new_args") ]]; then
+  echo "quality/run.sh: $out holds runs of another protocol; delete it or give another --out" >&2
+  exit 2
+fi
+echo "$new_args" > "$out/common.args"
 
 started=$(date +%s)
 echo "quality: $(wc -l < "$jobs_file") runs of $iters iterations, $jobs at a time, into $out"
