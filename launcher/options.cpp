@@ -1,9 +1,11 @@
 #include "launcher/options.h"
 
 #include <boost/program_options.hpp>
+#include <cctype>
 #include <cmath>
 #include <fstream>
 #include <iostream>
+#include <sstream>
 #include <utility>
 
 #include "core/error.h"
@@ -20,6 +22,21 @@ DropPolicy parse_drop_policy(const std::string& text) {
 
 namespace {
 
+// Boost fills its error messages by replacing placeholders such as %value% until none is left,
+// so an option or value that itself holds one ("--x%value%") would loop forever: such text is
+// refused before Boost sees it.
+void refuse_placeholders(const std::string& text, const std::string& where) {
+  for (size_t open = text.find('%'); open != std::string::npos; open = text.find('%', open + 1)) {
+    size_t end = open + 1;
+    while (end < text.size() && (std::isalpha(static_cast<unsigned char>(text[end])) ||
+                                 text[end] == '_'))
+      ++end;
+    if (end > open + 1 && end < text.size() && text[end] == '%')
+      throw UsageError(where + ": \"" + text.substr(open, end + 1 - open) +
+                       "\" is not allowed (a %name% pattern)");
+  }
+}
+
 // Runs Boost's parser and turns each of its errors into one UsageError line.
 template <typename Fn>
 void parse_or_usage_error(Fn&& fn) {
@@ -35,6 +52,7 @@ void parse_or_usage_error(Fn&& fn) {
 bool parse_into(int argc, char** argv, const po::options_description& desc, const char* usage,
                 po::variables_map& vm) {
   parse_or_usage_error([&] {
+    for (int i = 1; i < argc; ++i) refuse_placeholders(argv[i], "command line");
     // No positional arguments: a stray word is an error, not silently ignored.
     const po::positional_options_description no_positionals;
     po::store(po::command_line_parser(argc, argv).options(desc).positional(no_positionals).run(),
@@ -44,9 +62,12 @@ bool parse_into(int argc, char** argv, const po::options_description& desc, cons
       const std::string path = vm["config"].as<std::string>();
       std::ifstream file(path);
       if (!file) throw UsageError("--config: cannot open \"" + path + "\"");
+      std::stringstream text;
+      text << file.rdbuf();
+      refuse_placeholders(text.str(), "--config " + path);
       try {
         const po::parsed_options parsed =
-            po::parse_config_file(file, desc, /*allow_unregistered=*/false);
+            po::parse_config_file(text, desc, /*allow_unregistered=*/false);
         // store() skips a key the command line already set without parsing its value: check
         // every value of the file on its own first, so a bad one is an error all the same.
         po::variables_map file_only;
