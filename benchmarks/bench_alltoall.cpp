@@ -12,8 +12,9 @@
 //
 // --moe mode, per size and routing case: each rank holds size/(4*hidden) tokens, routes them
 // (uniform or Zipf-skewed, top-1 or top-2, dropless or with a capacity factor), and times
-// ExpertDispatcher::plan + dispatch + combine, the trainer's token exchange, beside two bare
-// MPI_Alltoallv calls (there and back) of the same counts. size = the mean bytes a rank
+// ExpertDispatcher dispatch + combine, the trainer's token exchange, beside two bare
+// MPI_Alltoallv calls (there and back) of the same counts; plan (the exchange of the counts
+// that must precede it) is timed on its own and printed beside. size = the mean bytes a rank
 // dispatches, time = there-and-back time, algbw = 2 * size / time.
 //
 // Both sides run alternately in one process (barrier before each), so both see the same load;
@@ -325,6 +326,7 @@ struct MoeResult {
   Row ours, bare;
   double dropped_fraction;
   double max_over_mean;  // the busiest rank's received rows / the mean: the skew's cost
+  double plan_us;        // ExpertDispatcher::plan alone (the counts' exchange)
 };
 
 MoeResult run_moe_size(const AlltoallOptions& o, Communicator& comm, Backend& backend,
@@ -370,10 +372,10 @@ MoeResult run_moe_size(const AlltoallOptions& o, Communicator& comm, Backend& ba
   std::vector<float> bare_back(static_cast<size_t>(std::max(rows, 1)) * D);
 
   auto ours = [&] {
-    const DispatchHandle h = dispatcher.plan(counts_E.data());
-    dispatcher.dispatch(h, x_local.data(), x_RD.data(), D);
-    dispatcher.combine(h, y_RD.data(), x_local.data(), D);
+    dispatcher.dispatch(handle, x_local.data(), x_RD.data(), D);
+    dispatcher.combine(handle, y_RD.data(), x_local.data(), D);
   };
+  auto plan = [&] { (void)dispatcher.plan(counts_E.data()); };
   auto bare = [&] {
     check_mpi(MPI_Alltoallv(x_RD.data(), send_counts.data(), send_displs.data(), MPI_FLOAT,
                             bare_recv.data(), recv_counts.data(), recv_displs.data(), MPI_FLOAT,
@@ -414,7 +416,7 @@ MoeResult run_moe_size(const AlltoallOptions& o, Communicator& comm, Backend& ba
     comm.barrier();
     bare();
   }
-  Samples ours_t, bare_t;
+  Samples ours_t, bare_t, plan_t;
   for (int i = 0; i < o.iters; ++i) {
     for (int side = 0; side < 2; ++side) {
       const bool ours_side = (side == 0) == (i % 2 == 0);
@@ -422,9 +424,12 @@ MoeResult run_moe_size(const AlltoallOptions& o, Communicator& comm, Backend& ba
       if (ours_side) ours_t.add(time_ms(ours));
       else bare_t.add(time_ms(bare));
     }
+    comm.barrier();
+    plan_t.add(time_ms(plan));
   }
   ours_t.reduce_max(MPI_COMM_WORLD);
   bare_t.reduce_max(MPI_COMM_WORLD);
+  plan_t.reduce_max(MPI_COMM_WORLD);
 
   // Sizes and skew over the group: the mean bytes dispatched per rank, the most received.
   int dropped = tokens * c.top_k - rows;
@@ -448,6 +453,7 @@ MoeResult run_moe_size(const AlltoallOptions& o, Communicator& comm, Backend& ba
   result.dropped_fraction =
       static_cast<double>(dropped_all) / (static_cast<double>(tokens) * c.top_k * n);
   result.max_over_mean = mean_rows > 0 ? most_received / mean_rows : 0.0;
+  result.plan_us = plan_t.median_us();
   return result;
 }
 
@@ -505,12 +511,12 @@ int run(const MpiRuntime& mpi, int argc, char** argv) {
     json["zipf_s"] = o.zipf_s;
     json["size_meaning"] =
         "size = mean bytes dispatched per rank; tokens per rank = requested size / (4*hidden); "
-        "time = plan+dispatch+combine (ours) or two MPI_Alltoallv (bare); algbw = 2*size/time";
+        "time = dispatch+combine (ours; plan_us alone) or two MPI_Alltoallv (bare); algbw = 2*size/time";
     for (size_t bytes : size_sweep(o, sizeof(float) * o.hidden)) {
       if (root) {
         std::printf("# --moe: %zu tokens per rank of %d floats, %d experts\n",
                     bytes / (sizeof(float) * o.hidden), o.hidden, o.experts);
-        print_header("ExpertDispatcher plan+dispatch+combine", "bare MPI_Alltoallv x2");
+        print_header("ExpertDispatcher dispatch+combine", "bare MPI_Alltoallv x2");
       }
       for (const MoeCase& c : cases) {
         const MoeResult r = run_moe_size(o, *comm, *backend, c, bytes);
@@ -519,8 +525,8 @@ int run(const MpiRuntime& mpi, int argc, char** argv) {
           std::printf("  %10zu %12zu %8s %6s %6d", r.ours.bytes, r.ours.count, "float", "none", -1);
           print_side(r.ours);
           print_side(r.bare);
-          std::printf(" %7.3f   %s, dropped %.3f, busiest rank %.2fx mean\n", ratio,
-                      c.label().c_str(), r.dropped_fraction, r.max_over_mean);
+          std::printf(" %7.3f   %s, dropped %.3f, busiest rank %.2fx mean, plan %.1f us\n",
+                      ratio, c.label().c_str(), r.dropped_fraction, r.max_over_mean, r.plan_us);
           std::fflush(stdout);
         }
         rows.push_back({{"routing", c.routing}, {"top_k", c.top_k},
@@ -528,6 +534,7 @@ int run(const MpiRuntime& mpi, int argc, char** argv) {
                         {"tokens_per_rank", bytes / (sizeof(float) * o.hidden)},
                         {"dropped_fraction", r.dropped_fraction},
                         {"busiest_rank_over_mean", r.max_over_mean},
+                        {"plan_us", r.plan_us},
                         {"ours", row_json(r.ours)}, {"bare_mpi_alltoallv", row_json(r.bare)},
                         {"ratio_algbw", ratio}});
         busbw_sum += r.ours.busbw;
