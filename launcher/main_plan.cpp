@@ -254,6 +254,9 @@ int run(int argc, char** argv) {
   }
   std::vector<std::string> notes;
   const Hardware hw = make_hardware(o, notes);
+  const int world = hw.nodes * hw.ranks_per_node;
+  const PlanLayout layout{o.tp, o.ep, o.dp > 0 ? o.dp : world / o.tp};
+  if (!o.rank) validate_plan(o.work, layout, hw);  // a bad layout is one line, before any output
   print_model(o.work);
   print_assumptions(hw, notes);
   if (o.rank) {
@@ -269,8 +272,6 @@ int run(int argc, char** argv) {
     }
     return 0;
   }
-  const int world = hw.nodes * hw.ranks_per_node;
-  PlanLayout layout{o.tp, o.ep, o.dp > 0 ? o.dp : world / o.tp};
   const StepPrediction p = predict_step(o.work, layout, hw);
   print_prediction(p, hw);
   if (o.json) std::cout << "\n" << prediction_json(p).dump() << std::endl;
