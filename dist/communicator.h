@@ -41,6 +41,14 @@ class Communicator {
   // send + sum(send_counts[0..p)); recv likewise. Counts travel first (alltoall_counts).
   virtual void alltoallv(float* recv, const std::vector<int64_t>& recv_counts, const float* send,
                          const std::vector<int64_t>& send_counts) = 0;
+  // The same with explicit displacements (in elements): peer p's block is read from
+  // send + send_displs[p] and lands at recv + recv_displs[p], so a caller can exchange rows
+  // straight from and into their final places (the expert dispatcher, one round per local
+  // expert).
+  virtual void alltoallv_placed(float* recv, const std::vector<int64_t>& recv_counts,
+                                const std::vector<int64_t>& recv_displs, const float* send,
+                                const std::vector<int64_t>& send_counts,
+                                const std::vector<int64_t>& send_displs) = 0;
   // recv_counts[p] = the count peer p put at send_counts[rank()]: every rank sends `per_peer`
   // ints to every peer.  send, recv: (size * per_peer)
   virtual void alltoall(int* recv, const int* send, size_t per_peer) = 0;

@@ -96,6 +96,22 @@ class MpiCommunicator final : public Communicator {
                         rdispls.data(), MPI_FLOAT, comm_),
           "all-to-all");
   }
+  void alltoallv_placed(float* recv, const std::vector<int64_t>& recv_counts,
+                        const std::vector<int64_t>& recv_displs, const float* send,
+                        const std::vector<int64_t>& send_counts,
+                        const std::vector<int64_t>& send_displs) override {
+    std::vector<int> scounts(size_), sdispls(size_), rcounts(size_), rdispls(size_);
+    for (int p = 0; p < size_; ++p) {
+      scounts[p] = checked_count(send_counts[p]);
+      rcounts[p] = checked_count(recv_counts[p]);
+      sdispls[p] = checked_count(send_displs[p]);
+      rdispls[p] = checked_count(recv_displs[p]);
+    }
+    const WatchedCollective watch("all-to-all");
+    check(MPI_Alltoallv(send, scounts.data(), sdispls.data(), MPI_FLOAT, recv, rcounts.data(),
+                        rdispls.data(), MPI_FLOAT, comm_),
+          "all-to-all");
+  }
   void alltoall(int* recv, const int* send, size_t per_peer) override {
     const WatchedCollective watch("all-to-all (counts)");
     check(MPI_Alltoall(send, checked_count(per_peer), MPI_INT, recv, checked_count(per_peer),

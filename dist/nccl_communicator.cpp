@@ -137,23 +137,34 @@ class NcclCommunicator final : public Communicator {
   }
   void alltoallv(float* recv, const std::vector<int64_t>& recv_counts, const float* send,
                  const std::vector<int64_t>& send_counts) override {
-    if (!device_pair(recv, send, "all-to-all"))
-      return host_->alltoallv(recv, recv_counts, send, send_counts);
     MOE_CHECK(static_cast<int>(send_counts.size()) == size() &&
                   static_cast<int>(recv_counts.size()) == size(),
               "alltoallv: one count per peer");
+    std::vector<int64_t> send_displs(size(), 0), recv_displs(size(), 0);
+    for (int peer = 1; peer < size(); ++peer) {
+      send_displs[peer] = send_displs[peer - 1] + send_counts[peer - 1];
+      recv_displs[peer] = recv_displs[peer - 1] + recv_counts[peer - 1];
+    }
+    alltoallv_placed(recv, recv_counts, recv_displs, send, send_counts, send_displs);
+  }
+  void alltoallv_placed(float* recv, const std::vector<int64_t>& recv_counts,
+                        const std::vector<int64_t>& recv_displs, const float* send,
+                        const std::vector<int64_t>& send_counts,
+                        const std::vector<int64_t>& send_displs) override {
+    if (!device_pair(recv, send, "all-to-all"))
+      return host_->alltoallv_placed(recv, recv_counts, recv_displs, send, send_counts,
+                                     send_displs);
     run("all-to-all", [&] {
       // One group of point-to-point calls: NCCL runs them as one all-to-all.
       ncclResult_t result = ncclGroupStart();
       if (result != ncclSuccess) return result;
-      int64_t send_offset = 0, recv_offset = 0;
       for (int peer = 0; peer < size(); ++peer) {
         if (send_counts[peer] > 0)
-          result = ncclSend(send + send_offset, send_counts[peer], ncclFloat32, peer, comm_, stream_);
-        if (result == ncclSuccess && recv_counts[peer] > 0)
-          result = ncclRecv(recv + recv_offset, recv_counts[peer], ncclFloat32, peer, comm_, stream_);
-        send_offset += send_counts[peer];
-        recv_offset += recv_counts[peer];
+          result = ncclSend(send + send_displs[peer], send_counts[peer], ncclFloat32, peer, comm_,
+                            stream_);
+        if ((result == ncclSuccess || result == ncclInProgress) && recv_counts[peer] > 0)
+          result = ncclRecv(recv + recv_displs[peer], recv_counts[peer], ncclFloat32, peer, comm_,
+                            stream_);
         if (result != ncclSuccess && result != ncclInProgress) break;
       }
       const ncclResult_t end = ncclGroupEnd();
@@ -292,6 +303,13 @@ class DeviceSelfCommunicator final : public Communicator {
   void alltoallv(float* recv, const std::vector<int64_t>&, const float* send,
                  const std::vector<int64_t>& send_counts) override {
     copy(recv, send, static_cast<size_t>(send_counts[0]) * sizeof(float));
+  }
+  void alltoallv_placed(float* recv, const std::vector<int64_t>&,
+                        const std::vector<int64_t>& recv_displs, const float* send,
+                        const std::vector<int64_t>& send_counts,
+                        const std::vector<int64_t>& send_displs) override {
+    copy(recv + recv_displs[0], send + send_displs[0],
+         static_cast<size_t>(send_counts[0]) * sizeof(float));
   }
   void alltoall(int* recv, const int* send, size_t per_peer) override {
     copy(recv, send, per_peer * sizeof(int));

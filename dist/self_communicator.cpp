@@ -34,6 +34,13 @@ class SelfCommunicator final : public Communicator {
                  const std::vector<int64_t>& send_counts) override {
     std::copy(send, send + send_counts[0], recv);
   }
+  void alltoallv_placed(float* recv, const std::vector<int64_t>&,
+                        const std::vector<int64_t>& recv_displs, const float* send,
+                        const std::vector<int64_t>& send_counts,
+                        const std::vector<int64_t>& send_displs) override {
+    const float* from = send + send_displs[0];
+    std::copy(from, from + send_counts[0], recv + recv_displs[0]);
+  }
   void alltoall(int* recv, const int* send, size_t per_peer) override {
     std::copy(send, send + per_peer, recv);
   }

@@ -26,57 +26,52 @@ DispatchHandle ExpertDispatcher::plan(const int* counts_E) const {
       h.send_rows[p] += counts_E[p * L + j];
       h.recv_rows[p] += recv_counts[p * L + j];
     }
-  // Received rows arrive as (source, expert); the local order is (expert, source).
-  std::vector<int> recv_start(static_cast<size_t>(ep) * L);  // first received row of (s, j)
-  int row = 0;
-  for (int s = 0; s < ep; ++s)
-    for (int j = 0; j < L; ++j) {
-      recv_start[s * L + j] = row;
-      row += recv_counts[s * L + j];
-    }
-  h.num_local_rows = row;
+  // Sent rows sit in global expert order: expert e's first row is the sum of the counts before.
+  std::vector<int64_t> first_of_expert(static_cast<size_t>(ep) * L + 1, 0);
+  for (int e = 0; e < ep * L; ++e) first_of_expert[e + 1] = first_of_expert[e] + counts_E[e];
   h.local_offsets.assign(L + 1, 0);
-  h.local_from_recv.resize(row);
+  h.rounds.resize(L);
   int local = 0;
   for (int j = 0; j < L; ++j) {
+    DispatchHandle::Round& round = h.rounds[j];
+    round.send_rows.resize(ep);
+    round.send_first.resize(ep);
+    round.recv_rows.resize(ep);
+    round.recv_first.resize(ep);
     h.local_offsets[j] = local;
-    for (int s = 0; s < ep; ++s)
-      for (int r = 0; r < recv_counts[s * L + j]; ++r)
-        h.local_from_recv[local++] = recv_start[s * L + j] + r;
+    for (int p = 0; p < ep; ++p) {
+      round.send_rows[p] = counts_E[p * L + j];
+      round.send_first[p] = first_of_expert[p * L + j];
+      round.recv_rows[p] = recv_counts[p * L + j];
+      round.recv_first[p] = local;
+      local += recv_counts[p * L + j];
+    }
   }
   h.local_offsets[L] = local;
+  h.num_local_rows = local;
   return h;
 }
 
-void ExpertDispatcher::reserve_staging(size_t floats) {
-  if (staging_.size() < floats) staging_ = Buffer<float>(backend_, floats);
+namespace {
+
+std::vector<int64_t> times(const std::vector<int64_t>& rows, int D) {
+  std::vector<int64_t> elements(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) elements[i] = rows[i] * D;
+  return elements;
 }
 
+}  // namespace
+
 void ExpertDispatcher::dispatch(const DispatchHandle& h, float* x_local, const float* x_RD, int D) {
-  const int ep = ep_group_.size();
-  std::vector<int64_t> send(ep), recv(ep);
-  for (int p = 0; p < ep; ++p) {
-    send[p] = h.send_rows[p] * D;
-    recv[p] = h.recv_rows[p] * D;
-  }
-  reserve_staging(static_cast<size_t>(h.num_local_rows) * D);
-  ep_group_.alltoallv(staging_.data(), recv, x_RD, send);
-  backend_.gather_rows(x_local, staging_.data(), h.local_from_recv.data(), h.num_local_rows, D);
+  for (const DispatchHandle::Round& round : h.rounds)
+    ep_group_.alltoallv_placed(x_local, times(round.recv_rows, D), times(round.recv_first, D),
+                               x_RD, times(round.send_rows, D), times(round.send_first, D));
 }
 
 void ExpertDispatcher::combine(const DispatchHandle& h, float* y_RD, const float* y_local, int D) {
-  const int ep = ep_group_.size();
-  std::vector<int64_t> send(ep), recv(ep);
-  for (int p = 0; p < ep; ++p) {
-    send[p] = h.recv_rows[p] * D;
-    recv[p] = h.send_rows[p] * D;
-  }
-  // Back to (source, expert) order, then each row home.
-  reserve_staging(static_cast<size_t>(h.num_local_rows) * D);
-  backend_.fill_zero(staging_.data(), static_cast<size_t>(h.num_local_rows) * D * sizeof(float));
-  backend_.scatter_add_rows(staging_.data(), y_local, h.local_from_recv.data(), h.num_local_rows,
-                            D);
-  ep_group_.alltoallv(y_RD, recv, staging_.data(), send);
+  for (const DispatchHandle::Round& round : h.rounds)
+    ep_group_.alltoallv_placed(y_RD, times(round.send_rows, D), times(round.send_first, D),
+                               y_local, times(round.recv_rows, D), times(round.recv_first, D));
 }
 
 }  // namespace moe

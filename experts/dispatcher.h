@@ -4,8 +4,8 @@
 // backward of combine is dispatch, with the same handle.
 //
 // Rank p of the EP group holds experts [p*L, (p+1)*L), L = E/ep. Rows leave in global expert
-// order (x_RD, expert e at offsets[e]); they arrive grouped by source rank, then local expert,
-// and are reordered to local expert, then source rank, so that one grouped GEMM walks them.
+// order (x_RD, expert e at offsets[e]) and land in local-expert, then source-rank order, so that
+// one grouped GEMM walks them.
 #pragma once
 
 #include <cstdint>
@@ -17,12 +17,18 @@
 
 namespace moe {
 
+// Rows move in one all-to-all round per local expert j: in round j peer p's rows of its expert
+// p*L+j go straight from their place in x_RD to theirs in x_local, so neither side copies.
 struct DispatchHandle {
   std::vector<int64_t> send_rows;   // (ep) rows sent to each peer
   std::vector<int64_t> recv_rows;   // (ep) rows received from each peer
-  std::vector<int> local_offsets;   // (L+1) first received row of each local expert
-  std::vector<int> local_from_recv; // (R_local) received row that feeds each local row
+  std::vector<int> local_offsets;   // (L+1) first local row of each local expert
   int num_local_rows = 0;           // R_local
+  struct Round {
+    std::vector<int64_t> send_rows, send_first;  // (ep) rows for peer p's expert j, first in x_RD
+    std::vector<int64_t> recv_rows, recv_first;  // (ep) rows from peer s for expert j, first local
+  };
+  std::vector<Round> rounds;  // (L)
 };
 
 class ExpertDispatcher {
@@ -41,13 +47,10 @@ class ExpertDispatcher {
   int ep_size() const { return ep_group_.size(); }
 
  private:
-  void reserve_staging(size_t floats);
-
   Backend& backend_;
   Communicator& ep_group_;
   int num_experts_;
   int num_local_experts_;
-  Buffer<float> staging_;  // (R_local, D) received rows in (source, expert) order; grows
 };
 
 }  // namespace moe
