@@ -403,11 +403,12 @@ CheckpointInfo parse_checkpoint_info(const std::string& json_text,
       throw RuntimeError("inconsistent layout (world " + std::to_string(info.world) + ", tp " +
                          std::to_string(info.tp) + ", dp " + std::to_string(info.dp) + ", " +
                          std::to_string(info.ranks.size()) + " rank files)");
-  } catch (const RuntimeError& e) {
-    const std::string what = e.what();
+  } catch (const std::exception& e) {  // ours, or JSON syntax, a missing key, a wrong type
+    // A key or file name quoted from the file may hold a newline: an error is one line.
+    std::string what = e.what();
+    for (char& c : what)
+      if (static_cast<unsigned char>(c) < 0x20) c = ' ';
     throw RuntimeError(what.rfind(path, 0) == 0 ? what : path + ": " + what);
-  } catch (const std::exception& e) {  // JSON syntax, a missing key, a wrong type
-    throw RuntimeError(path + ": " + e.what());
   }
   return info;
 }

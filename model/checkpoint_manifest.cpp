@@ -94,10 +94,12 @@ CheckpointManifest parse_checkpoint_manifest(const std::string& json_text,
         throw RuntimeError("bad xxh64 digest for " + name + ": \"" + digest.xxh64 + "\"");
       manifest.files[name] = digest;
     }
-  } catch (const RuntimeError& e) {
-    throw RuntimeError(name_for_errors + ": " + e.what());
-  } catch (const std::exception& e) {  // JSON syntax, a missing key, a wrong type
-    throw RuntimeError(name_for_errors + ": " + e.what());
+  } catch (const std::exception& e) {  // ours, or JSON syntax, a missing key, a wrong type
+    // A name or digest quoted from the file may hold a newline: an error is one line.
+    std::string what = e.what();
+    for (char& c : what)
+      if (static_cast<unsigned char>(c) < 0x20) c = ' ';
+    throw RuntimeError(name_for_errors + ": " + what);
   }
   return manifest;
 }

@@ -55,9 +55,14 @@ ModelConfig ModelConfig::from_metadata(const std::map<std::string, std::string>&
       throw RuntimeError(source + ": __metadata__ lacks \"" + key + "\"");
     const std::string& text = it->second;
     auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), field);
-    if (ec != std::errc() || end != text.data() + text.size())
+    if (ec != std::errc() || end != text.data() + text.size()) {
+      // The file's text, cut short and on one line: an error is one line on stderr.
+      std::string shown = text.substr(0, 40) + (text.size() > 40 ? "..." : "");
+      for (char& c : shown)
+        if (static_cast<unsigned char>(c) < 0x20) c = ' ';
       throw RuntimeError(source + ": __metadata__ \"" + key + "\" is not an integer: \"" +
-                         text + "\"");
+                         shown + "\"");
+    }
   };
   ModelConfig config;
   read("num_layers", config.num_layers);

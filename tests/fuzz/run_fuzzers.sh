@@ -31,10 +31,12 @@ for target in "${targets[@]}"; do
   log="$build_dir/logs/$target.log"
   mkdir -p "$corpus" "$findings" "$(dirname "$log")"
   echo "== $target: $runs inputs (log: $log)"
+  dict=()  # the format's tokens and hostile values, where the target has a dictionary
+  [ -e "tests/fuzz/dict/$target.dict" ] && dict=(-dict="tests/fuzz/dict/$target.dict")
   start=$(date +%s)
   status=0
   "$build_dir/$target" -runs="$runs" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=2048 \
-      -print_final_stats=1 -artifact_prefix="$findings/" \
+      -print_final_stats=1 -artifact_prefix="$findings/" "${dict[@]}" \
       "$corpus" "tests/fuzz/corpus/$target" > "$log" 2>&1 || status=$?
   seconds=$(( $(date +%s) - start ))
   executed=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
