@@ -3,7 +3,7 @@
 #include "dist/mpi_runtime.h"
 #include "launcher/routing_dump.h"
 #include "launcher/run_main.h"
-#include "launcher/trainer.h"
+#include "launcher/evaluation.h"
 
 int main(int argc, char** argv) {
   moe::MpiRuntime mpi(&argc, &argv);

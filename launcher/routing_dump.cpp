@@ -1,7 +1,5 @@
 #include "launcher/routing_dump.h"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -10,8 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
-#include "model/checkpoint.h"
-#include "model/weights_io.h"
+#include "launcher/evaluation.h"
 
 namespace moe {
 
@@ -85,51 +82,16 @@ void write_routing_dump(const std::string& path, const RoutingDump& dump) {
 }
 
 int run_routing_dump(const EvalOptions& options) {
-  if (options.threads > 0) omp_set_num_threads(options.threads);
-  if (!options.model_path.empty() && !options.load_dir.empty())
-    throw UsageError("moe-eval takes --model or --load, not both");
-  std::string checkpoint_dir;
-  CheckpointInfo checkpoint;
-  ModelConfig config;
-  if (options.model_path.empty()) {
-    checkpoint_dir = find_checkpoint(options.load_dir);
-    checkpoint = read_checkpoint_info(checkpoint_dir);
-    config = checkpoint.config;
-  } else {
-    config = read_safetensors_config(options.model_path);
-  }
-  const int T = options.seq_length > 0 ? options.seq_length : config.max_position_embeddings;
-  if (T > config.max_position_embeddings)
-    throw UsageError("--seq-length " + std::to_string(T) + " exceeds the model's " +
-                     std::to_string(config.max_position_embeddings) + " positions");
-  TokenStream stream = load_tokens(options.data_path, options.data_format);
-  if (stream.max_token >= config.vocab_size)
-    throw UsageError(options.data_path + " holds token " + std::to_string(stream.max_token) +
-                     ", outside the model's vocabulary of " + std::to_string(config.vocab_size));
-  const DataLoader data = DataLoader::for_evaluation(std::move(stream), T);
   // An unwritable dump fails before the evaluation, not after it.
   if (!std::ofstream(options.dump_routing, std::ios::trunc))
     throw RuntimeError("--dump-routing: cannot write " + options.dump_routing);
-
-  auto backend = make_cpu_backend();
-  ParamLayout layout(config);
-  auto self = make_self_communicator();
-  GptModel model(*backend, config, layout, options.micro_batch_size, T,
-                 ModelGroups{*self, *self, *self});
-  {
-    std::vector<float> values(layout.total_floats(), 0.0f);  // (total_floats)
-    if (checkpoint_dir.empty())
-      import_safetensors(options.model_path, layout, values.data());
-    else
-      load_checkpoint(checkpoint_dir, checkpoint, layout, ParallelDims{}, {values.data()}, *self);
-    backend->copy_from_host(model.params(), values.data(), values.size() * sizeof(float));
-  }
-  RoutingOptions routing;
-  routing.capacity_factor = options.eval_capacity_factor;
-  routing.drop_policy = options.drop_policy;
+  EvalSession session = open_evaluation(options);
+  const int T = session.seq_length;
+  const DataLoader& data = *session.data;
   const auto start = std::chrono::steady_clock::now();
   const RoutingDump dump =
-      collect_routing(model, data, options.micro_batch_size, options.eval_iters, routing);
+      collect_routing(*session.model, data, options.micro_batch_size, options.eval_iters,
+                      session.routing);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   write_routing_dump(options.dump_routing, dump);

@@ -39,7 +39,7 @@ RoutingDump collect_routing(GptModel& model, const DataLoader& data, int micro_b
 // Writes the CSV described above; RuntimeError when the file cannot be written.
 void write_routing_dump(const std::string& path, const RoutingDump& dump);
 
-// moe-eval with --dump-routing: loads the model (--model or --load), evaluates like
+// moe-eval with --dump-routing: loads the model (open_evaluation), evaluates like
 // run_evaluation, writes the dump, and prints the evaluation's JSON line (with "routing_dump").
 int run_routing_dump(const EvalOptions& options);
 

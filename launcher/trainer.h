@@ -96,7 +96,5 @@ class Trainer {
   std::vector<int32_t> inputs_, targets_;  // (micro_batch, T) host staging
 };
 
-// moe-eval: mean cross-entropy of a model over every window of a file; prints the JSON line.
-int run_evaluation(const EvalOptions& options);
 
 }  // namespace moe
