@@ -380,6 +380,40 @@ TEST_F(MutatedInputs, HostileSafetensorsHeaders) {
   expect_refused("overlap.safetensors", safetensors(header + "}", 65536), "overlapping");
 }
 
+// Fuzzer findings: text quoted from a file into an error once carried the file's newlines.
+TEST_F(MutatedInputs, ErrorsQuotingTheFileStayOneLine) {
+  const auto expect_one_line = [](const std::function<void()>& parse, const std::string& what) {
+    try {
+      parse();
+      ADD_FAILURE() << what << " was accepted";
+    } catch (const RuntimeError& error) {
+      EXPECT_EQ(std::string(error.what()).find('\n'), std::string::npos) << error.what();
+    }
+  };
+  std::string header = "{\"__metadata__\":{\"num_layers\":\"2\\nx\"}}";
+  header.append((8 - header.size() % 8) % 8, ' ');
+  std::string bytes(8, '\0');
+  const uint64_t length = header.size();
+  std::memcpy(bytes.data(), &length, 8);
+  const std::string model = write("newline.safetensors", bytes + header);
+  expect_one_line([&] { read_safetensors_config(model); }, "a metadata value with a newline");
+  expect_one_line(
+      [] {
+        parse_checkpoint_manifest(
+            "{\"format\":\"moe-trainer manifest\",\"version\":1,\"hash\":\"xxh64\","
+            "\"iteration\":1,\"files\":{\".a\\nb\":{\"bytes\":1,\"xxh64\":\"0123456789abcdef\"}}}",
+            "manifest.json");
+      },
+      "a manifest file name with a newline");
+  expect_one_line(
+      [] {
+        parse_checkpoint_info("{\"format\":\"moe-trainer checkpoint\",\"version\":2,"
+                              "\"iteration\":1,\"optimizer_steps\":1,\"model\":{\"a\\nb\":1.5}}",
+                              "metadata.json");
+      },
+      "a model key with a newline");
+}
+
 // The arguments `program --config file` as parse_*_options takes them.
 template <typename Parse>
 void parse_config(Parse&& parse, const char* program, const std::string& file) {
@@ -414,9 +448,9 @@ TEST_F(MutatedInputs, ConfigFiles) {
 // A fuzzer finding: Boost fills its messages by replacing %value%-style placeholders until none
 // is left, so a config value or flag holding one made moe-train loop forever.
 TEST_F(MutatedInputs, PlaceholdersInConfigFilesAreRefusedNotAHang) {
-  for (const std::string& line :
+  for (const char* line :
        {"num-layers = %value%x\n", "moe-inp%canonical_option%ut-jitter-eps = 0.01\n"}) {
-    const std::string file = write("placeholder.ini", "data-path = data.txt\n" + line);
+    const std::string file = write("placeholder.ini", std::string("data-path = data.txt\n") + line);
     EXPECT_THROW(parse_config(parse_train_options, "moe-train", file), UsageError) << line;
   }
 }
