@@ -22,10 +22,6 @@
 namespace moe {
 namespace {
 
-// ../shared sits beside the checkout (shared/README.md), wherever the checkout is.
-const std::string kRealShard =
-    std::string(MOE_SOURCE_DIR) + "/../shared/data/tinyshakespeare_gpt2_val.bin";
-
 using moe::testing::error_message;
 
 // Messages reach the user as one line on stderr.
@@ -153,16 +149,6 @@ TEST_F(DataFiles, LoadsUint16Files) {
   EXPECT_EQ(stream.tokens, (std::vector<int32_t>{0x1234, 65535, 7}));
   EXPECT_EQ(stream.format, DataFormat::kUint16);
   EXPECT_EQ(stream.max_token, 65535);
-}
-
-TEST(RealData, LoadsTheTinyShakespeareValidationShard) {
-  if (!std::filesystem::exists(kRealShard))
-    GTEST_SKIP() << kRealShard << " is absent, so the real llm.c shard is not checked";
-  const TokenStream stream = load_tokens(kRealShard, DataFormat::kAuto);
-  EXPECT_EQ(stream.format, DataFormat::kLlmc);
-  ASSERT_EQ(stream.tokens.size(), 32768u);
-  EXPECT_EQ(stream.tokens.front(), 50256);  // <|endoftext|>
-  EXPECT_LT(stream.max_token, 50257);
 }
 
 TEST_F(DataFiles, RejectsDamagedLlmcShards) {
