@@ -30,8 +30,9 @@ targets=(moe-train moe-eval moe-launch)
 for src in tests/test_*.cpp tests/mpi_test_*.cpp; do targets+=("$(basename "$src" .cpp)"); done
 cmake --build "$build_dir" -j "$jobs" --target "${targets[@]}"
 
-# Also left out: the real-data check (registered only where ../shared/data exists; it reads a
-# file, the mutated-input tests cover the parser) and AdamW against torch's formula, whose tolerance is set for the Release build's
-# floating point (-O3 -march=native); at -O1 it is off by more, with no memory error.
+# Also left out: the real-data check (registered only where ../shared/data exists; the
+# mutated-input tests cover its parser) and AdamW against torch's formula, whose tolerance is
+# set for the Release build's floating point (-O3 -march=native); at -O1 it is off by more,
+# with no memory error.
 ctest --test-dir "$build_dir" --output-on-failure -j "$jobs" \
       -E '_np4$|^layout_check$|^moe_launch_single_node_test_np4$|^fault_tolerance$|AdamwMatchesTorch|real_data_check'
