@@ -508,12 +508,18 @@ void load_rank(const std::string& checkpoint_dir, const CheckpointInfo& info,
       Staged& s = it->second;
       ParamEntry saved = *s.entry;  // the saving rank's view of the same tensor
       try {
-        saved.full_shape = spec.at("full_shape").get<std::vector<int64_t>>();
+        saved.full_shape.clear();
+        for (const json& extent : spec.at("full_shape"))
+          saved.full_shape.push_back(integer_value<int64_t>(extent, "full_shape"));
         const json& shard = spec.at("shard");
-        saved.shard = {shard.at("dim").get<int>(), shard.at("blocks").get<int>(),
-                       shard.at("part").get<int>(), shard.at("parts").get<int>()};
+        saved.shard = {integer_value<int>(shard.at("dim"), "dim"),
+                       integer_value<int>(shard.at("blocks"), "blocks"),
+                       integer_value<int>(shard.at("part"), "part"),
+                       integer_value<int>(shard.at("parts"), "parts")};
         saved.is_expert = spec.at("expert").get<bool>();
       } catch (const nlohmann::json::exception& e) {
+        throw RuntimeError(path + ": bad metadata for " + name + ": " + e.what());
+      } catch (const RuntimeError& e) {
         throw RuntimeError(path + ": bad metadata for " + name + ": " + e.what());
       }
       if (!holds_canonical_copy(saved, saved_dims)) continue;
