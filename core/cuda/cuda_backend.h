@@ -6,7 +6,9 @@
 // right before its GEMM, and a weight's bf16 copy is cached (see bf16_weight) and refreshed by
 // the fused AdamW kernel, so weights are converted once per step, not once per use. Narrow
 // linears (OC <= kFp32MaxOutputs, which is how the interface shows the router's E logits) run
-// fully in fp32: DESIGN.md keeps the router in fp32, and they cost nothing.
+// fully in fp32: DESIGN.md keeps the router in fp32, and they cost nothing. The exception: the
+// local experts' forward and dinp products are one cublasGemmGroupedBatchedEx call with a bf16
+// output, widened to fp32 by a kernel (grouped_gemm.h, grouped_linear.cu).
 //
 // Streams: every op runs in order on the legacy default stream, so ops need no events between
 // them; the NCCL communicator (dist/nccl_communicator.cpp) orders its own stream against it.
@@ -24,6 +26,7 @@
 #include <vector>
 
 #include "core/backend.h"
+#include "core/cuda/grouped_gemm.h"
 #include "core/cuda_gemm_rate.h"
 #include "core/error.h"
 
@@ -125,7 +128,10 @@ class CudaBackend final : public Backend {
   // an op may reuse a slot the previous op used). Grows, never shrinks.
   enum Slot {
     kBf16Inp, kBf16Dout, kBf16Q, kBf16K, kBf16V, kBf16Att, kF32Y, kF32Dq, kF32Dk, kF32Dv,
-    kIndexA, kIndexB, kHostVector, kReduce, kCapacityOrder, kNumSlots
+    kIndexA, kIndexB, kHostVector, kReduce, kCapacityOrder,
+    kBf16Product,     // the grouped expert GEMM's bf16 output (grouped_linear.cu)
+    kGroupedPointers, // its device arrays of A, B and C pointers
+    kNumSlots
   };
   void* scratch(Slot slot, size_t bytes);
   // Uploads `count` host ints into a scratch slot and returns the device copy.
@@ -165,6 +171,7 @@ class CudaBackend final : public Backend {
     size_t bytes = 0;
   };
   ScratchBuffer scratch_[kNumSlots];
+  GroupedGemm grouped_gemm_;  // the experts' products as one cuBLAS call (grouped_linear.cu)
 };
 
 // Elementwise fp32 -> bf16 on the default stream: out (n) = bf16(inp (n)).

@@ -1,30 +1,79 @@
 // Grouped linear over the local experts: rows [offsets[e], offsets[e+1]) go through expert e.
-// The inputs are converted to bf16 once for all experts; each non-empty expert is then one
-// cuBLASLt product on its row range (the row counts differ per expert and are known on the
-// host, since they sized the all-to-all).
+// The inputs are converted to bf16 once for all experts. The forward product and the
+// backward's dinp product then run as ONE cublasGemmGroupedBatchedEx call over the non-empty
+// experts (grouped_gemm.h): its output is bf16, so a small kernel turns it into the fp32 the
+// interface wants (adding the expert's bias, or accumulating into dinp). Where that call is
+// off or refused, each non-empty expert is one cuBLASLt product on its row range, as before
+// (the row counts differ per expert and are known on the host, since they sized the
+// all-to-all). The weight gradient is always one cuBLASLt product per expert: see below.
 #include <string>
+#include <vector>
 
 #include "core/cuda/cuda_backend.h"
 
 namespace moe {
+namespace {
 
-void CudaBackend::grouped_linear_forward(float* out,               // (rows,OC)
-                                         const float* inp,         // (rows,IC)
-                                         const float* weight,      // (E,OC,IC)
-                                         const float* bias,        // (E,OC) or nullptr
-                                         const int* offsets_host,  // (E+1)
-                                         int E, int IC, int OC) {
-  const int rows = offsets_host[E] - offsets_host[0];
-  if (rows <= 0 || OC == 0) return;
-  const __nv_bfloat16* inp_bf16 =
-      to_bf16(kBf16Inp, inp + static_cast<size_t>(offsets_host[0]) * IC,
-              static_cast<size_t>(rows) * IC);  // (rows,IC) from offsets[0]
-  const __nv_bfloat16* w_bf16 = bf16_weight(weight, static_cast<size_t>(E) * OC * IC);
+// The expert owning `row` (absolute): the last e with offsets[e] <= row. That expert is not
+// empty, because offsets[0] <= row < offsets[E].
+__device__ int expert_of_row(const int* offsets, int E, int row) {
+  int lo = 0, hi = E - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (offsets[mid] <= row)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+// out (rows,OC) = float(product (rows,OC)) + bias[e] (OC), e the expert owning each row. Row
+// i here is row offsets[0] + i of the interface's buffers.
+__global__ void expert_output_kernel(float* out,                      // (rows,OC)
+                                     const __nv_bfloat16* product,    // (rows,OC)
+                                     const float* bias,               // (E,OC) or nullptr
+                                     const int* offsets,              // (E+1), nullptr without bias
+                                     int E, int rows, int OC) {
+  const size_t total = static_cast<size_t>(rows) * OC;
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += stride) {
+    float value = __bfloat162float(product[i]);
+    if (bias != nullptr) {
+      const int row = offsets[0] + static_cast<int>(i / OC);
+      value += bias[static_cast<size_t>(expert_of_row(offsets, E, row)) * OC + i % OC];
+    }
+    out[i] = value;
+  }
+}
+
+// dst (n) += float(src (n)).
+__global__ void accumulate_bf16_kernel(float* dst, const __nv_bfloat16* src, size_t n) {
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    dst[i] += __bfloat162float(src[i]);
+}
+
+void check_offsets(const int* offsets_host, int E, const char* op) {
+  for (int e = 0; e < E; ++e)
+    MOE_CHECK(offsets_host[e + 1] >= offsets_host[e],
+              std::string(op) + ": offsets must not decrease");
+}
+
+// The fallback forward: one cuBLASLt product per non-empty expert, fp32 output, bias in the
+// epilogue.
+void forward_per_expert(CudaBackend& backend,
+                        float* out,                     // (rows,OC) absolute rows
+                        const __nv_bfloat16* inp_bf16,  // (rows,IC) from offsets[0]
+                        const __nv_bfloat16* w_bf16,    // (E,OC,IC)
+                        const float* bias,              // (E,OC) or nullptr
+                        const int* offsets_host,        // (E+1)
+                        int E, int IC, int OC) {
   for (int e = 0; e < E; ++e) {
     const int r0 = offsets_host[e], n = offsets_host[e + 1] - r0;
-    MOE_CHECK(n >= 0, "grouped_linear_forward: offsets must not decrease");
     if (n == 0) continue;
-    GemmCall g;
+    GemmCall g;  // out_e^T (OC,n) = W_e (OC,IC) * inp_e^T (IC,n)
     g.trans_a = true;
     g.m = OC;
     g.n = n;
@@ -36,18 +85,96 @@ void CudaBackend::grouped_linear_forward(float* out,               // (rows,OC)
     g.c = out + static_cast<size_t>(r0) * OC;
     g.ldc = OC;
     g.bias = bias ? bias + static_cast<size_t>(e) * OC : nullptr;
-    gemm(g);
+    backend.gemm(g);
   }
 }
 
-void CudaBackend::grouped_linear_backward(float* dinp,               // (rows,IC) +=
+// The fallback dinp: one cuBLASLt product per non-empty expert, accumulating in fp32.
+void dinp_per_expert(CudaBackend& backend,
+                     float* dinp,                     // (rows,IC) += absolute rows
+                     const __nv_bfloat16* dout_bf16,  // (rows,OC) from offsets[0]
+                     const __nv_bfloat16* w_bf16,     // (E,OC,IC)
+                     const int* offsets_host,         // (E+1)
+                     int E, int IC, int OC) {
+  for (int e = 0; e < E; ++e) {
+    const int r0 = offsets_host[e], n = offsets_host[e + 1] - r0;
+    if (n == 0) continue;
+    GemmCall g;  // dinp_e^T (IC,n) += W_e^T (IC,OC) * dout_e^T (OC,n)
+    g.m = IC;
+    g.n = n;
+    g.k = OC;
+    g.a = w_bf16 + static_cast<size_t>(e) * OC * IC;
+    g.lda = IC;
+    g.b = dout_bf16 + static_cast<size_t>(r0 - offsets_host[0]) * OC;
+    g.ldb = OC;
+    g.c = dinp + static_cast<size_t>(r0) * IC;
+    g.ldc = IC;
+    g.beta = 1.0f;
+    backend.gemm(g);
+  }
+}
+
+}  // namespace
+
+void CudaBackend::grouped_linear_forward(float* out,               // (rows,OC)
+                                         const float* inp,         // (rows,IC)
+                                         const float* weight,      // (E,OC,IC)
+                                         const float* bias,        // (E,OC) or nullptr
+                                         const int* offsets_host,  // (E+1)
+                                         int E, int IC, int OC) {
+  check_offsets(offsets_host, E, "grouped_linear_forward");
+  const int first = offsets_host[0], rows = offsets_host[E] - first;
+  if (rows <= 0 || OC == 0) return;
+  const __nv_bfloat16* inp_bf16 =
+      to_bf16(kBf16Inp, inp + static_cast<size_t>(first) * IC,
+              static_cast<size_t>(rows) * IC);  // (rows,IC) from offsets[0]
+  const __nv_bfloat16* w_bf16 = bf16_weight(weight, static_cast<size_t>(E) * OC * IC);
+
+  if (grouped_gemm_.enabled()) {
+    // product (rows,OC) bf16, from offsets[0]: expert e's rows are product_e^T (OC,n) =
+    // W_e (OC,IC) * inp_e^T (IC,n), A stored (IC,OC) and transposed.
+    auto* product = static_cast<__nv_bfloat16*>(
+        scratch(kBf16Product, static_cast<size_t>(rows) * OC * sizeof(__nv_bfloat16)));
+    std::vector<GroupedGemmProblem> problems;  // (non-empty experts)
+    for (int e = 0; e < E; ++e) {
+      const int r0 = offsets_host[e], n = offsets_host[e + 1] - r0;
+      if (n == 0) continue;
+      GroupedGemmProblem p;
+      p.m = OC;
+      p.n = n;
+      p.k = IC;
+      p.a = w_bf16 + static_cast<size_t>(e) * OC * IC;
+      p.lda = IC;
+      p.b = inp_bf16 + static_cast<size_t>(r0 - first) * IC;
+      p.ldb = IC;
+      p.c = product + static_cast<size_t>(r0 - first) * OC;
+      p.ldc = OC;
+      problems.push_back(p);
+    }
+    void** pointers = static_cast<void**>(
+        scratch(kGroupedPointers, 3 * problems.size() * sizeof(void*)));  // (3, problems)
+    if (grouped_gemm_.run(device_, /*trans_a=*/true, /*trans_b=*/false, problems, pointers)) {
+      note_write(out);
+      const int* offsets = bias ? upload(kIndexA, offsets_host, E + 1) : nullptr;  // (E+1)
+      const size_t total = static_cast<size_t>(rows) * OC;
+      expert_output_kernel<<<grid_for(total), kThreads>>>(out + static_cast<size_t>(first) * OC,
+                                                          product, bias, offsets, E, rows, OC);
+      CUDA_CHECK_LAUNCH();
+      return;
+    }
+  }
+  forward_per_expert(*this, out, inp_bf16, w_bf16, bias, offsets_host, E, IC, OC);
+}
+
+void CudaBackend::grouped_linear_backward(float* dinp,               // (rows,IC) += or nullptr
                                           float* dweight,            // (E,OC,IC) +=
-                                          float* dbias,              // (E,OC)    +=
+                                          float* dbias,              // (E,OC)    += or nullptr
                                           const float* dout,         // (rows,OC)
                                           const float* inp,          // (rows,IC)
                                           const float* weight,       // (E,OC,IC)
                                           const int* offsets_host,   // (E+1)
                                           int E, int IC, int OC) {
+  check_offsets(offsets_host, E, "grouped_linear_backward");
   const int first = offsets_host[0], rows = offsets_host[E] - first;
   if (rows <= 0 || OC == 0 || IC == 0) return;
   const __nv_bfloat16* dout_bf16 = to_bf16(kBf16Dout, dout + static_cast<size_t>(first) * OC,
@@ -55,26 +182,53 @@ void CudaBackend::grouped_linear_backward(float* dinp,               // (rows,IC
   const __nv_bfloat16* inp_bf16 = to_bf16(kBf16Inp, inp + static_cast<size_t>(first) * IC,
                                           static_cast<size_t>(rows) * IC);   // (rows,IC)
   const __nv_bfloat16* w_bf16 = bf16_weight(weight, static_cast<size_t>(E) * OC * IC);
+
+  if (dinp != nullptr) {
+    bool dinp_done = false;
+    if (grouped_gemm_.enabled()) {
+      // product (rows,IC) bf16, from offsets[0]: expert e's rows are product_e^T (IC,n) =
+      // W_e^T (IC,OC) * dout_e^T (OC,n), A stored (IC,OC), nothing transposed.
+      auto* product = static_cast<__nv_bfloat16*>(
+          scratch(kBf16Product, static_cast<size_t>(rows) * IC * sizeof(__nv_bfloat16)));
+      std::vector<GroupedGemmProblem> problems;  // (non-empty experts)
+      for (int e = 0; e < E; ++e) {
+        const int r0 = offsets_host[e], n = offsets_host[e + 1] - r0;
+        if (n == 0) continue;
+        GroupedGemmProblem p;
+        p.m = IC;
+        p.n = n;
+        p.k = OC;
+        p.a = w_bf16 + static_cast<size_t>(e) * OC * IC;
+        p.lda = IC;
+        p.b = dout_bf16 + static_cast<size_t>(r0 - first) * OC;
+        p.ldb = OC;
+        p.c = product + static_cast<size_t>(r0 - first) * IC;
+        p.ldc = IC;
+        problems.push_back(p);
+      }
+      void** pointers = static_cast<void**>(
+          scratch(kGroupedPointers, 3 * problems.size() * sizeof(void*)));  // (3, problems)
+      dinp_done = grouped_gemm_.run(device_, /*trans_a=*/false, /*trans_b=*/false, problems,
+                                    pointers);
+      if (dinp_done) {
+        note_write(dinp);
+        const size_t total = static_cast<size_t>(rows) * IC;
+        accumulate_bf16_kernel<<<grid_for(total), kThreads>>>(
+            dinp + static_cast<size_t>(first) * IC, product, total);
+        CUDA_CHECK_LAUNCH();
+      }
+    }
+    if (!dinp_done) dinp_per_expert(*this, dinp, dout_bf16, w_bf16, offsets_host, E, IC, OC);
+  }
+
+  // The weight gradient stays one cuBLASLt product per expert with an fp32 output and beta 1:
+  // gradients accumulate over micro-batches in fp32, and the grouped call's bf16 output would
+  // round each micro-batch's contribution to bf16 first.
   for (int e = 0; e < E; ++e) {
     const int r0 = offsets_host[e], n = offsets_host[e + 1] - r0;
-    MOE_CHECK(n >= 0, "grouped_linear_backward: offsets must not decrease");
     if (n == 0) continue;
     const __nv_bfloat16* dout_e = dout_bf16 + static_cast<size_t>(r0 - first) * OC;  // (n,OC)
     const __nv_bfloat16* inp_e = inp_bf16 + static_cast<size_t>(r0 - first) * IC;    // (n,IC)
-    if (dinp != nullptr) {
-      GemmCall g;  // dinp_e^T (IC,n) += W_e^T (IC,OC) * dout_e^T (OC,n)
-      g.m = IC;
-      g.n = n;
-      g.k = OC;
-      g.a = w_bf16 + static_cast<size_t>(e) * OC * IC;
-      g.lda = IC;
-      g.b = dout_e;
-      g.ldb = OC;
-      g.c = dinp + static_cast<size_t>(r0) * IC;
-      g.ldc = IC;
-      g.beta = 1.0f;
-      gemm(g);
-    }
     GemmCall g;  // dW_e^T (IC,OC) += inp_e^T (IC,n) * dout_e (n,OC)
     g.trans_b = true;
     g.m = IC;
