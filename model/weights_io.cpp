@@ -76,7 +76,17 @@ void export_safetensors_gathered(const std::string& path, const ModelConfig& con
 
 ModelConfig read_safetensors_config(const std::string& path) {
   SafetensorsFile file(path);
-  return ModelConfig::from_metadata(file.metadata(), path);
+  ModelConfig config = ModelConfig::from_metadata(file.metadata(), path);
+  // The metadata sizes everything after it (the layout, the activations): it must describe the
+  // tensors this file holds, or a damaged value would size the model instead of being refused.
+  // Every layer has tensors, so the layer count is bounded by the tensors there are.
+  if (static_cast<size_t>(config.num_layers) > file.tensors().size())
+    throw RuntimeError(path + ": __metadata__ says num_layers " +
+                       std::to_string(config.num_layers) + ", but the file holds only " +
+                       std::to_string(file.tensors().size()) + " tensors");
+  const ParamLayout layout(config);
+  for (const ParamEntry& entry : layout.entries()) file.expect(entry.name, entry.shape);
+  return config;
 }
 
 void import_safetensors(const std::string& path, const ParamLayout& layout, float* host_params) {

@@ -279,6 +279,37 @@ TEST_F(MutatedInputs, SafetensorsWeights) {
                 }});
 }
 
+// __metadata__ that disagrees with the tensors (a hidden size of a billion, more layers than
+// the file has tensors) is refused when read, before it can size a model: moe-eval once
+// allocated activations for it and ran out of memory instead.
+TEST_F(MutatedInputs, SafetensorsMetadataMustDescribeTheTensors) {
+  const std::string model = read(export_tiny_model(path("original.safetensors")));
+  uint64_t header_length = 0;
+  std::memcpy(&header_length, model.data(), 8);
+  const std::string header = model.substr(8, header_length), data = model.substr(8 + header_length);
+  auto with_metadata = [&](const std::string& key, const std::string& value) {
+    const std::string field = "\"" + key + "\":\"";
+    const size_t start = header.find(field);
+    EXPECT_NE(start, std::string::npos) << key;
+    std::string changed = header;
+    const size_t value_start = start + field.size();
+    changed.replace(value_start, changed.find('"', value_start) - value_start, value);
+    std::string bytes(8, '\0');
+    const uint64_t length = changed.size();
+    std::memcpy(bytes.data(), &length, 8);
+    return write(key + ".safetensors", bytes + changed + data);
+  };
+  for (const auto& [key, value] : std::vector<std::pair<std::string, std::string>>{
+           {"hidden_size", "1000000000"}, {"num_layers", "1000000000"}, {"vocab_size", "1000000000"}}) {
+    try {
+      read_safetensors_config(with_metadata(key, value));
+      ADD_FAILURE() << key << " " << value << " was accepted";
+    } catch (const RuntimeError& error) {
+      std::printf("%s %s: %s\n", key.c_str(), value.c_str(), error.what());
+    }
+  }
+}
+
 TEST_F(MutatedInputs, LlmcTokenShard) {
   const std::string shard = read(kCorpus + "/fuzz_tokens/llmc_shard_48_tokens.bin");
   for (const DataFormat format : {DataFormat::kAuto, DataFormat::kLlmc}) {
