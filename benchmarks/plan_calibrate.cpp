@@ -171,13 +171,12 @@ int run(int argc, char** argv) {
   const int NH = m.num_attention_heads;
   Buffer<float> qkv = random_buffer(*backend, size_t(N) * 3 * C, 7);  // (B, T, 3C)
   Buffer<float> att_out(*backend, size_t(N) * C);                     // (B, T, C)
-  Buffer<float> att(*backend, size_t(B) * NH * T * T);                // (B, NH, T, T)
-  Buffer<float> scratch(*backend, size_t(B) * NH * T * T);            // (B, NH, T, T)
+  Buffer<float> lse(*backend, size_t(B) * NH * T);                    // (B, NH, T)
   Buffer<float> dqkv(*backend, size_t(N) * 3 * C);                    // (B, T, 3C)
   Kernel attention{"attention", 12.0 * B * double(T) * T * C, double(m.num_layers), [&] {
-                     backend->attention_forward(att_out.data(), att.data(), qkv.data(), B, T, C, NH);
-                     backend->attention_backward(dqkv.data(), scratch.data(), att_out.data(),
-                                                 qkv.data(), att.data(), B, T, C, NH);
+                     backend->attention_forward(att_out.data(), lse.data(), qkv.data(), B, T, C, NH);
+                     backend->attention_backward(dqkv.data(), att_out.data(), att_out.data(),
+                                                 qkv.data(), lse.data(), B, T, C, NH);
                    }, {}};
 
   const size_t stream_n = size_t{16} << 20;  // 64 MiB per array: beyond the caches

@@ -117,15 +117,17 @@ class Backend {
 
   // ---- causal self-attention ------------------------------------------------------------
   // qkv rows hold q | k | v, each C wide; head h is columns h*hd..(h+1)*hd of each.
+  // P = softmax(mask(q k^T / sqrt(hd))), out = P v. Flash-attention style: the forward saves
+  // only lse, the logsumexp of each row's scaled, masked scores; the backward recomputes P.
   virtual void attention_forward(float* out,        // (B,T,C)
-                                 float* att,        // (B,NH,T,T) softmax probabilities, saved
+                                 float* lse,        // (B,NH,T) saved
                                  const float* qkv,  // (B,T,3C)
                                  int B, int T, int C, int NH) = 0;
   virtual void attention_backward(float* dqkv,        // (B,T,3C) +=
-                                  float* scratch,     // (B,NH,T,T) workspace
                                   const float* dout,  // (B,T,C)
+                                  const float* out,   // (B,T,C) the forward's output
                                   const float* qkv,   // (B,T,3C)
-                                  const float* att,   // (B,NH,T,T)
+                                  const float* lse,   // (B,NH,T) the forward's
                                   int B, int T, int C, int NH) = 0;
 
   // ---- softmax cross-entropy ------------------------------------------------------------

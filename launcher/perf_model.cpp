@@ -190,12 +190,12 @@ ParamCounts count_params(const ModelConfig& model, const PlanLayout& layout) {
 // Activations of one micro-batch, B = micro-batch, C' = C/tp, F' = F/tp, NH' = NH/tp, after
 // GptModel's and SwitchLayer's buffers (gpt.h, switch_layer.h):
 //   per block  ln_1, attn_proj, res2, ln_2, ffn_out, res3: 6BTC; LayerNorm stats 4BT;
-//              qkv 3BTC', atty BTC'; att B NH' T^2; dense FFN fch, fch_gelu 2BTF'
+//              qkv 3BTC', atty BTC'; att_lse B NH' T; dense FFN fch, fch_gelu 2BTF'
 //   Switch     S = BT/tp routed tokens, R = S k kept rows, R_in = R x min(ep, cf) received
 //              (ep x R dropless): router noise/input/logits/probs 2SC + 2SE; x_RD, y_RD 2RC;
 //              x_LD, y_LD 2 R_in C; h_LF, a_LF 2 R_in F
 //   once       embedding BTC, ln_f BTC + 2BT, logits BTV, losses BT
-//   backward   dres, dln 2BTC; datty BTC'; dqkv 3BTC'; dfch, dfch_gelu 2BTF'; datt B NH' T^2;
+//   backward   dres, dln 2BTC; datty BTC'; dqkv 3BTC'; dfch, dfch_gelu 2BTF';
 //              Switch scratch (shared by layers) 2RC + 2 R_in C + 2 R_in F + 2SE
 MemoryEstimate estimate_memory(const Workload& w, const PlanLayout& layout, int param_bytes,
                                int grad_bytes, int optimizer_bytes, int act_bytes) {
@@ -210,13 +210,13 @@ MemoryEstimate estimate_memory(const Workload& w, const PlanLayout& layout, int 
   m.optimizer = params * optimizer_bytes;
 
   const double BT = B * T;
-  const double block = 6 * BT * s.C + 4 * BT + 4 * BT * Cl + B * NHl * T * T;
+  const double block = 6 * BT * s.C + 4 * BT + 4 * BT * Cl + B * NHl * T;
   const double S = BT / tp, R = S * s.K, R_in = R * received_rows_bound(w, layout);
   const double switch_saved = 2 * S * s.C + 2 * S * s.E + 2 * R * s.C + 2 * R_in * s.C +
                               2 * R_in * s.F;
   double elements = s.L * block + s.dense_layers * 2 * BT * Fl + s.switch_layers * switch_saved;
   elements += BT * s.C + BT * s.C + 2 * BT + BT * s.V + BT;
-  elements += 2 * BT * s.C + 4 * BT * Cl + 2 * BT * Fl + B * NHl * T * T;
+  elements += 2 * BT * s.C + 4 * BT * Cl + 2 * BT * Fl;
   if (s.switch_layers > 0) elements += 2 * R * s.C + 2 * R_in * s.C + 2 * R_in * s.F + 2 * S * s.E;
   m.activations = elements * act_bytes;
   return m;

@@ -15,7 +15,6 @@ GptModel::GptModel(Backend& backend, const ModelConfig& config, const ParamLayou
   MOE_CHECK(layout.tp_size() == tp_, "parameter layout and tensor-parallel group disagree");
   const size_t BT = static_cast<size_t>(max_batch) * max_seq, C = config.hidden_size,
                V = config.vocab_size, CL = C_local_, F = F_local_, NH = NH_local_;
-  const size_t att_size = static_cast<size_t>(max_batch) * NH * max_seq * max_seq;
   params_ = Buffer<float>(backend, layout.total_floats());
   grads_ = Buffer<float>(backend, layout.total_floats());
   p_ = layout_.bind(params_.data());
@@ -31,7 +30,7 @@ GptModel::GptModel(Backend& backend, const ModelConfig& config, const ParamLayou
     a.ln1_mean = Buffer<float>(backend, BT);
     a.ln1_rstd = Buffer<float>(backend, BT);
     a.qkv = Buffer<float>(backend, BT * 3 * CL);
-    a.att = Buffer<float>(backend, att_size);
+    a.att_lse = Buffer<float>(backend, static_cast<size_t>(max_batch) * NH * max_seq);
     a.atty = Buffer<float>(backend, BT * CL);
     a.attproj = Buffer<float>(backend, BT * C);
     a.res2 = Buffer<float>(backend, BT * C);
@@ -66,7 +65,6 @@ GptModel::GptModel(Backend& backend, const ModelConfig& config, const ParamLayou
   dqkv_ = Buffer<float>(backend, BT * 3 * CL);
   dfch_gelu_ = Buffer<float>(backend, BT * F);
   dfch_ = Buffer<float>(backend, BT * F);
-  datt_ = Buffer<float>(backend, att_size);
 }
 
 SwitchWeights GptModel::switch_weights(int layer) const {
@@ -100,7 +98,7 @@ ForwardLosses GptModel::forward(const int* inputs_host, const int* targets_host,
     backend_.layernorm_forward(a.ln1.data(), a.ln1_mean.data(), a.ln1_rstd.data(), residual,
                                w.ln1_w, w.ln1_b, N, C);
     backend_.linear_forward(a.qkv.data(), a.ln1.data(), w.qkv_w, w.qkv_b, N, C, 3 * CL);
-    backend_.attention_forward(a.atty.data(), a.att.data(), a.qkv.data(), B, T, CL, NH);
+    backend_.attention_forward(a.atty.data(), a.att_lse.data(), a.qkv.data(), B, T, CL, NH);
     backend_.linear_forward(a.attproj.data(), a.atty.data(), w.attn_proj_w,
                             adds_bias ? w.attn_proj_b : nullptr, N, CL, C);
     if (tp_ > 1) groups_.tp.allreduce_sum(a.attproj.data(), static_cast<size_t>(N) * C);
@@ -186,8 +184,8 @@ void GptModel::backward(const LossScales& scales,
     backend_.linear_backward(datty_.data(), g.attn_proj_w, g.attn_proj_b, dres_.data(),
                              a.atty.data(), w.attn_proj_w, N, CL, C);
     dqkv_.zero();
-    backend_.attention_backward(dqkv_.data(), datt_.data(), datty_.data(), a.qkv.data(),
-                                a.att.data(), B, T, CL, NH);
+    backend_.attention_backward(dqkv_.data(), datty_.data(), a.atty.data(), a.qkv.data(),
+                                a.att_lse.data(), B, T, CL, NH);
     dln_.zero();
     backend_.linear_backward(dln_.data(), g.qkv_w, g.qkv_b, dqkv_.data(), a.ln1.data(), w.qkv_w,
                              N, C, 3 * CL);

@@ -78,7 +78,7 @@ class GptModel {
     Buffer<float> ln1_mean;  // (B, T)
     Buffer<float> ln1_rstd;  // (B, T)
     Buffer<float> qkv;       // (B, T, 3C')
-    Buffer<float> att;       // (B, NH', T, T)
+    Buffer<float> att_lse;   // (B, NH', T) logsumexp of each attention row's scores
     Buffer<float> atty;      // (B, T, C')
     Buffer<float> attproj;   // (B, T, C)
     Buffer<float> res2;      // (B, T, C) residual after attention
@@ -128,7 +128,6 @@ class GptModel {
   Buffer<float> dqkv_;        // (B, T, 3C')
   Buffer<float> dfch_gelu_;   // (B, T, F')
   Buffer<float> dfch_;        // (B, T, F')
-  Buffer<float> datt_;        // (B, NH', T, T)
 };
 
 }  // namespace moe

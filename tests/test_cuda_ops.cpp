@@ -362,19 +362,30 @@ TEST_F(CudaOps, Gelu) {
   expect_match("gelu_backward", down(gdx, n), dx, kFp32);
 }
 
+// The fused kernels work on 64-row tiles with the head dim padded to 16, 32, 64 or 128: the
+// shapes cover partial tiles (T not a multiple of 64), several tiles, every padding and the
+// GPT head dims 64 and 128.
 TEST_F(CudaOps, Attention) {
-  const int B = 2, T = 77, C = 128, NH = 4;
-  std::vector<float> qkv = random(B * T * 3 * C), out(B * T * C), att(B * NH * T * T);
-  std::vector<float> dout = random(B * T * C), dqkv = random(B * T * 3 * C), scratch(att.size());
-  float *gqkv = up(qkv), *gout = up(out), *gatt = up(att), *gdqkv = up(dqkv);
-  cpu().attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH);
-  gpu().attention_forward(gout, gatt, gqkv, B, T, C, NH);
-  expect_match("attention_forward", down(gout, out.size()), out, kBf16);
-  expect_match("attention_forward att", down(gatt, att.size()), att, kBf16);
-  cpu().attention_backward(dqkv.data(), scratch.data(), dout.data(), qkv.data(), att.data(), B, T,
-                           C, NH);
-  gpu().attention_backward(gdqkv, up(scratch), up(dout), gqkv, gatt, B, T, C, NH);
-  expect_match("attention_backward", down(gdqkv, dqkv.size()), dqkv, kBf16);
+  auto check = [&](int B, int T, int C, int NH) {
+    const std::string tag = " (B=" + std::to_string(B) + " T=" + std::to_string(T) +
+                            " hd=" + std::to_string(C / NH) + ")";
+    std::vector<float> qkv = random(B * T * 3 * C), out(B * T * C), lse(B * NH * T);
+    std::vector<float> dout = random(B * T * C), dqkv = random(B * T * 3 * C);
+    float *gqkv = up(qkv), *gout = up(out), *glse = up(lse), *gdqkv = up(dqkv);
+    cpu().attention_forward(out.data(), lse.data(), qkv.data(), B, T, C, NH);
+    gpu().attention_forward(gout, glse, gqkv, B, T, C, NH);
+    expect_match("attention_forward out" + tag, down(gout, out.size()), out, kBf16);
+    expect_match("attention_forward lse" + tag, down(glse, lse.size()), lse, kBf16);
+    cpu().attention_backward(dqkv.data(), dout.data(), out.data(), qkv.data(), lse.data(), B, T,
+                             C, NH);
+    gpu().attention_backward(gdqkv, up(dout), gout, gqkv, glse, B, T, C, NH);
+    expect_match("attention_backward dqkv" + tag, down(gdqkv, dqkv.size()), dqkv, kBf16);
+  };
+  check(2, 77, 128, 4);    // hd 32: one full tile and a partial one
+  check(1, 5, 12, 1);      // hd 12 padded to 16: a single partial tile
+  check(2, 200, 768, 12);  // hd 64 (Switch-Base): four tiles
+  check(1, 130, 256, 2);   // hd 128
+  check(1, 64, 120, 3);    // hd 40 padded to 64: exactly one tile
 }
 
 TEST_F(CudaOps, CrossEntropy) {

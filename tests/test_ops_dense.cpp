@@ -367,17 +367,18 @@ TEST_F(DenseOps, GeluBackwardMatchesFiniteDifferences) {
 
 // ---- attention ---------------------------------------------------------------------------
 
-// The model's attention written out in double: causal softmax of q k^T / sqrt(hd), then att v.
-void attention_reference(std::vector<double>& out, std::vector<double>& att,
+// The model's attention written out in double: causal softmax of q k^T / sqrt(hd), then att v;
+// lse is each row's logsumexp of the scaled scores over keys 0..t.
+void attention_reference(std::vector<double>& out, std::vector<double>& lse,
                          const std::vector<float>& qkv, int B, int T, int C, int NH) {
   const int hd = C / NH;
   out.assign(B * T * C, 0.0);
-  att.assign(B * NH * T * T, 0.0);
+  lse.assign(B * NH * T, 0.0);
+  std::vector<double> row(T);  // (T)
   for (int b = 0; b < B; b++)
     for (int h = 0; h < NH; h++)
       for (int t = 0; t < T; t++) {
         const float* q = &qkv[(b * T + t) * 3 * C + h * hd];
-        double* row = &att[((b * NH + h) * T + t) * T];
         double max = -1e300;
         for (int j = 0; j <= t; j++) {
           const float* k = &qkv[(b * T + j) * 3 * C + C + h * hd];
@@ -389,6 +390,7 @@ void attention_reference(std::vector<double>& out, std::vector<double>& att,
         double sum = 0.0;
         for (int j = 0; j <= t; j++) sum += row[j] = std::exp(row[j] - max);
         for (int j = 0; j <= t; j++) row[j] /= sum;
+        lse[(b * NH + h) * T + t] = max + std::log(sum);
         for (int d = 0; d < hd; d++) {
           double o = 0.0;
           for (int j = 0; j <= t; j++) o += row[j] * qkv[(b * T + j) * 3 * C + 2 * C + h * hd + d];
@@ -401,43 +403,43 @@ void check_attention_forward(Backend& be, std::mt19937& rng, int B, int T, int C
   const std::string tag = " (B=" + std::to_string(B) + " T=" + std::to_string(T) +
                           " C=" + std::to_string(C) + " NH=" + std::to_string(NH) + ")";
   std::vector<float> qkv = random_vector(B * T * 3 * C, rng, -2.0f, 2.0f);
-  std::vector<float> out(B * T * C), att(B * NH * T * T, 7.0f);  // att must be fully written
-  be.attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH);
-  std::vector<double> want_out, want_att;
-  attention_reference(want_out, want_att, qkv, B, T, C, NH);
+  std::vector<float> out(B * T * C, 7.0f), lse(B * NH * T, 7.0f);  // both must be fully written
+  be.attention_forward(out.data(), lse.data(), qkv.data(), B, T, C, NH);
+  std::vector<double> want_out, want_lse;
+  attention_reference(want_out, want_lse, qkv, B, T, C, NH);
   EXPECT_TRUE(expect_close("attention out" + tag, out, want_out, kRefAbs, kRefRel));
-  EXPECT_TRUE(expect_close("attention att" + tag, att, want_att, kRefAbs, kRefRel));
-  // The tolerance above would let small leaks through the mask: count them exactly.
-  int num_unmasked = 0;
-  for (int bh = 0; bh < B * NH; bh++)
-    for (int t = 0; t < T; t++)
-      for (int j = t + 1; j < T; j++) num_unmasked += att[(bh * T + t) * T + j] != 0.0f;
-  EXPECT_EQ(num_unmasked, 0) << "probabilities above the diagonal" << tag;
+  EXPECT_TRUE(expect_close("attention lse" + tag, lse, want_lse, kRefAbs, kRefRel));
 }
 
 TEST_F(DenseOps, AttentionForwardMatchesReference) {
   check_attention_forward(*be, rng, 2, 5, 8, 2);
   check_attention_forward(*be, rng, 3, 33, 48, 4);  // more (b,h) pairs than threads, hd 12
   check_attention_forward(*be, rng, 1, 1, 4, 1);    // a single token attends to itself
+  check_attention_forward(*be, rng, 2, 150, 16, 2);  // query blocks of 64: two full, one partial
+}
+
+void check_attention_backward(Backend& be, std::mt19937& rng, int B, int T, int C, int NH) {
+  const std::string tag = " (B=" + std::to_string(B) + " T=" + std::to_string(T) +
+                          " C=" + std::to_string(C) + " NH=" + std::to_string(NH) + ")";
+  std::vector<float> qkv = random_vector(B * T * 3 * C, rng, -2.0f, 2.0f);
+  std::vector<float> dout = random_vector(B * T * C, rng, -1.0f, 1.0f);
+  std::vector<float> out(B * T * C), lse(B * NH * T);
+  auto loss = [&](const std::vector<float>&) {
+    be.attention_forward(out.data(), lse.data(), qkv.data(), B, T, C, NH);
+    return dot(dout, out);
+  };
+  loss(qkv);  // saves out and lse for the backward
+  const std::vector<float> dqkv0 = random_vector(B * T * 3 * C, rng, -1.0f, 1.0f);
+  std::vector<float> dqkv = dqkv0;
+  be.attention_backward(dqkv.data(), dout.data(), out.data(), qkv.data(), lse.data(), B, T, C,
+                        NH);
+  EXPECT_TRUE(expect_close("attention dqkv" + tag, accumulated(dqkv, dqkv0),
+                           finite_differences(loss, qkv), kFdAbs, kFdRel));
 }
 
 TEST_F(DenseOps, AttentionBackwardMatchesFiniteDifferences) {
-  const int B = 2, T = 5, C = 8, NH = 2;
-  std::vector<float> qkv = random(B * T * 3 * C, -2.0f, 2.0f);
-  std::vector<float> dout = random(B * T * C);
-  std::vector<float> out(B * T * C), att(B * NH * T * T);
-  auto loss = [&](const std::vector<float>&) {
-    be->attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH);
-    return dot(dout, out);
-  };
-  loss(qkv);  // saves att for the backward
-  const std::vector<float> dqkv0 = random(B * T * 3 * C);
-  std::vector<float> dqkv = dqkv0;
-  std::vector<float> scratch = random(B * NH * T * T);  // garbage: the backward owns it
-  be->attention_backward(dqkv.data(), scratch.data(), dout.data(), qkv.data(), att.data(), B, T,
-                         C, NH);
-  EXPECT_TRUE(expect_close("attention dqkv", accumulated(dqkv, dqkv0),
-                           finite_differences(loss, qkv), kFdAbs, kFdRel));
+  check_attention_backward(*be, rng, 2, 5, 8, 2);
+  check_attention_backward(*be, rng, 1, 70, 4, 1);  // a second, partial query block of 6
 }
 
 // ---- cross-entropy -----------------------------------------------------------------------
@@ -543,9 +545,9 @@ TEST_F(DenseOps, BackwardsAddToWhatTheGradientsHold) {
   std::vector<float> x = layernorm_input(N, C, rng), w = random(C), b = random(C);
   std::vector<float> wl = random(3 * C * C), qkv = random(N * 3 * C);
   std::vector<float> dout = random(N * C), dout3 = random(N * 3 * C);
-  std::vector<float> mean(N), rstd(N), out(N * C), att(B * NH * T * T), scratch(att.size());
+  std::vector<float> mean(N), rstd(N), out(N * C), lse(B * NH * T), att_out(N * C);
   be->layernorm_forward(out.data(), mean.data(), rstd.data(), x.data(), w.data(), b.data(), N, C);
-  be->attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH);
+  be->attention_forward(att_out.data(), lse.data(), qkv.data(), B, T, C, NH);
 
   // run(grads) calls one backward into the given buffers.
   auto check = [&](const std::string& what, std::vector<std::vector<float>> shapes,
@@ -582,8 +584,8 @@ TEST_F(DenseOps, BackwardsAddToWhatTheGradientsHold) {
     be->gelu_backward(g[0].data(), x.data(), dout.data(), N * C);
   });
   check("attention", {std::vector<float>(N * 3 * C)}, [&](Grads& g) {
-    be->attention_backward(g[0].data(), scratch.data(), dout.data(), qkv.data(), att.data(), B, T,
-                           C, NH);
+    be->attention_backward(g[0].data(), dout.data(), att_out.data(), qkv.data(), lse.data(), B,
+                           T, C, NH);
   });
 }
 

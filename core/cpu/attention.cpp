@@ -1,16 +1,20 @@
 // Causal multi-head self-attention on packed qkv rows (q | k | v, each C wide; head h is
 // columns h*hd..(h+1)*hd of each), per DESIGN.md:
-//   att = softmax(mask(q k^T / sqrt(hd))),   out = att v.
+//   P = softmax(mask(q k^T / sqrt(hd))),   out = P v.
 //
-// Each (batch, head) pair is independent: its q, k and v are strided views of qkv (row stride
-// 3C), so the products are oneDNN GEMMs on those views with no copies, and the pairs are
-// spread over the OpenMP threads. oneDNN sees it is inside a parallel region and runs each
-// GEMM on the calling thread, so the threads are not oversubscribed. The mask and the softmax
-// are plain loops over the lower triangle.
+// Flash-attention style in what is kept: the forward saves only the logsumexp of each row's
+// scores (B,NH,T), never the T x T probabilities, and the backward recomputes P from it. Work
+// goes by blocks of kQueryBlock queries: a block's queries see keys 0..end-1 only, so the
+// products cover the causal triangle plus one block, not the whole square. The block's scores
+// (kQueryBlock x T) live in a per-thread buffer. Each (batch, head) pair is independent: its q,
+// k, v are strided views of qkv (row stride 3C), so the products are oneDNN GEMMs on those
+// views with no copies, and the pairs are spread over the OpenMP threads (oneDNN sees it is
+// inside a parallel region and runs each GEMM on the calling thread).
 #include <oneapi/dnnl/dnnl.h>
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "core/cpu/cpu_backend.h"
 #include "core/cpu/simd_exp.h"
@@ -20,6 +24,8 @@ namespace moe {
 
 namespace {
 
+constexpr int kQueryBlock = 64;
+
 // Called inside the parallel loop, which an exception must not leave: returns 1 on failure
 // and the caller throws after the loop.
 int sgemm_failed(char transa, char transb, int M, int N, int K, float alpha, const float* A,
@@ -27,98 +33,143 @@ int sgemm_failed(char transa, char transb, int M, int N, int K, float alpha, con
   return dnnl_sgemm(transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc) != dnnl_success;
 }
 
+// The views of one (batch, head) pair.
+struct HeadViews {
+  size_t qkv_offset;  // of q's first element in qkv (B,T,3C); k and v follow at +C, +2C
+  size_t out_offset;  // of the first element in out (B,T,C)
+  size_t lse_offset;  // of the first element in lse (B,NH,T)
+};
+
+HeadViews head_views(int bh, int T, int C, int NH) {
+  const int b = bh / NH, h = bh % NH, hd = C / NH;
+  return {static_cast<size_t>(b) * T * 3 * C + static_cast<size_t>(h) * hd,
+          static_cast<size_t>(b) * T * C + static_cast<size_t>(h) * hd,
+          static_cast<size_t>(bh) * T};
+}
+
 }  // namespace
 
 void CpuBackend::attention_forward(float* out,        // (B,T,C)
-                                   float* att,        // (B,NH,T,T)
+                                   float* lse,        // (B,NH,T)
                                    const float* qkv,  // (B,T,3C)
                                    int B, int T, int C, int NH) {
   const int hd = C / NH;
   const int C3 = 3 * C;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   int num_failed = 0;
-#pragma omp parallel for schedule(static) reduction(+ : num_failed)
-  for (int bh = 0; bh < B * NH; bh++) {
-    const int b = bh / NH;
-    const int h = bh % NH;
-    const float* q = qkv + static_cast<size_t>(b) * T * C3 + h * hd;  // (T,hd) stride 3C
-    const float* k = q + C;                                           // (T,hd) stride 3C
-    const float* v = q + 2 * C;                                       // (T,hd) stride 3C
-    float* att_bh = att + static_cast<size_t>(bh) * T * T;            // (T,T)
-    float* out_bh = out + static_cast<size_t>(b) * T * C + h * hd;    // (T,hd) stride C
-    // att (T,T) = scale * q (T,hd) @ k^T (hd,T); the upper triangle is computed and then
-    // overwritten, simpler than a triangular product and at most twice the work.
-    num_failed += sgemm_failed('N', 'T', T, T, hd, scale, q, C3, k, C3, 0.0f, att_bh, T);
-    // Causal softmax of each row t over keys 0..t; keys after t get probability 0, so the
-    // next product can run over whole rows.
-    for (int t = 0; t < T; t++) {
-      float* row = att_bh + static_cast<size_t>(t) * T;  // (T)
-      float max = row[0];
+#pragma omp parallel reduction(+ : num_failed)
+  {
+    std::vector<float> scores(static_cast<size_t>(kQueryBlock) * T);  // (kQueryBlock, T)
+#pragma omp for schedule(static)
+    for (int bh = 0; bh < B * NH; bh++) {
+      const HeadViews view = head_views(bh, T, C, NH);
+      const float* q = qkv + view.qkv_offset;  // (T,hd) stride 3C
+      const float* k = q + C;                  // (T,hd) stride 3C
+      const float* v = q + 2 * C;              // (T,hd) stride 3C
+      float* out_bh = out + view.out_offset;   // (T,hd) stride C
+      float* lse_bh = lse + view.lse_offset;   // (T)
+      for (int t0 = 0; t0 < T; t0 += kQueryBlock) {
+        const int rows = std::min(kQueryBlock, T - t0), keys = t0 + rows;
+        // S (rows,keys) = scale * q[t0..] (rows,hd) @ k^T (hd,keys)
+        num_failed += sgemm_failed('N', 'T', rows, keys, hd, scale, q + size_t(t0) * C3, C3, k,
+                                   C3, 0.0f, scores.data(), keys);
+        // Causal softmax of each row over keys 0..t; later keys get probability 0 so the next
+        // product can run over whole rows.
+        for (int r = 0; r < rows; r++) {
+          const int t = t0 + r;
+          float* row = scores.data() + static_cast<size_t>(r) * keys;  // (keys)
+          float max = row[0];
 #pragma omp simd reduction(max : max)
-      for (int j = 0; j <= t; j++) max = std::max(max, row[j]);
-      float sum = 0.0f;
+          for (int j = 0; j <= t; j++) max = std::max(max, row[j]);
+          float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-      for (int j = 0; j <= t; j++) {
-        row[j] = simd_expf(row[j] - max);
-        sum += row[j];
-      }
-      const float inv_sum = 1.0f / sum;
+          for (int j = 0; j <= t; j++) {
+            row[j] = simd_expf(row[j] - max);
+            sum += row[j];
+          }
+          const float inv_sum = 1.0f / sum;
 #pragma omp simd
-      for (int j = 0; j <= t; j++) row[j] *= inv_sum;
-      for (int j = t + 1; j < T; j++) row[j] = 0.0f;
+          for (int j = 0; j <= t; j++) row[j] *= inv_sum;
+          for (int j = t + 1; j < keys; j++) row[j] = 0.0f;
+          lse_bh[t] = max + std::log(sum);
+        }
+        // out[t0..] (rows,hd) = P (rows,keys) @ v (keys,hd)
+        num_failed += sgemm_failed('N', 'N', rows, hd, keys, 1.0f, scores.data(), keys, v, C3,
+                                   0.0f, out_bh + size_t(t0) * C, C);
+      }
     }
-    // out (T,hd) = att (T,T) @ v (T,hd)
-    num_failed += sgemm_failed('N', 'N', T, hd, T, 1.0f, att_bh, T, v, C3, 0.0f, out_bh, C);
   }
   MOE_CHECK(num_failed == 0, "attention_forward: dnnl_sgemm failed");
 }
 
-// With P = att (T,T), S the scaled scores and dP = dout v^T:
-//   dv += P^T dout;   dS = P * (dP - rowsum(P * dP));   dq += scale dS k;   dk += scale dS^T q.
+// Per query block, with P recomputed from the saved logsumexp, dP = dout v^T and
+// delta = rowsum(dout * out) (which equals rowsum(P * dP), without needing dP first):
+//   dv += P^T dout;   dS = P * (dP - delta);   dq += scale dS k;   dk += scale dS^T q.
 // dS keeps the zeros above the diagonal since P has them there.
 void CpuBackend::attention_backward(float* dqkv,        // (B,T,3C) +=
-                                    float* scratch,     // (B,NH,T,T) holds dP, then dS
                                     const float* dout,  // (B,T,C)
+                                    const float* out,   // (B,T,C)
                                     const float* qkv,   // (B,T,3C)
-                                    const float* att,   // (B,NH,T,T)
+                                    const float* lse,   // (B,NH,T)
                                     int B, int T, int C, int NH) {
   const int hd = C / NH;
   const int C3 = 3 * C;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   int num_failed = 0;
-#pragma omp parallel for schedule(static) reduction(+ : num_failed)
-  for (int bh = 0; bh < B * NH; bh++) {
-    const int b = bh / NH;
-    const int h = bh % NH;
-    const size_t qkv_offset = static_cast<size_t>(b) * T * C3 + h * hd;
-    const float* q = qkv + qkv_offset;                                      // (T,hd) stride 3C
-    const float* k = q + C;                                                 // (T,hd) stride 3C
-    const float* v = q + 2 * C;                                             // (T,hd) stride 3C
-    float* dq = dqkv + qkv_offset;                                          // (T,hd) stride 3C
-    float* dk = dq + C;                                                     // (T,hd) stride 3C
-    float* dv = dq + 2 * C;                                                 // (T,hd) stride 3C
-    const float* att_bh = att + static_cast<size_t>(bh) * T * T;            // (T,T)
-    float* datt = scratch + static_cast<size_t>(bh) * T * T;                // (T,T)
-    const float* dout_bh = dout + static_cast<size_t>(b) * T * C + h * hd;  // (T,hd) stride C
-    // dP (T,T) = dout (T,hd) @ v^T (hd,T)
-    num_failed += sgemm_failed('N', 'T', T, T, hd, 1.0f, dout_bh, C, v, C3, 0.0f, datt, T);
-    // dv (T,hd) += P^T (T,T) @ dout (T,hd)
-    num_failed += sgemm_failed('T', 'N', T, hd, T, 1.0f, att_bh, T, dout_bh, C, 1.0f, dv, C3);
-    // Softmax backward in place, row by row over the causal part: dP becomes dS.
-    for (int t = 0; t < T; t++) {
-      const float* p = att_bh + static_cast<size_t>(t) * T;  // (T)
-      float* d = datt + static_cast<size_t>(t) * T;           // (T)
-      float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-      for (int j = 0; j <= t; j++) dot += p[j] * d[j];
+#pragma omp parallel reduction(+ : num_failed)
+  {
+    std::vector<float> probs(static_cast<size_t>(kQueryBlock) * T);   // (kQueryBlock, T) P
+    std::vector<float> dscores(static_cast<size_t>(kQueryBlock) * T); // (kQueryBlock, T) dP, dS
+#pragma omp for schedule(static)
+    for (int bh = 0; bh < B * NH; bh++) {
+      const HeadViews view = head_views(bh, T, C, NH);
+      const float* q = qkv + view.qkv_offset;            // (T,hd) stride 3C
+      const float* k = q + C;                            // (T,hd) stride 3C
+      const float* v = q + 2 * C;                        // (T,hd) stride 3C
+      float* dq = dqkv + view.qkv_offset;                // (T,hd) stride 3C
+      float* dk = dq + C;                                // (T,hd) stride 3C
+      float* dv = dq + 2 * C;                            // (T,hd) stride 3C
+      const float* dout_bh = dout + view.out_offset;     // (T,hd) stride C
+      const float* out_bh = out + view.out_offset;       // (T,hd) stride C
+      const float* lse_bh = lse + view.lse_offset;       // (T)
+      for (int t0 = 0; t0 < T; t0 += kQueryBlock) {
+        const int rows = std::min(kQueryBlock, T - t0), keys = t0 + rows;
+        const float* q_blk = q + size_t(t0) * C3;            // (rows,hd) stride 3C
+        const float* dout_blk = dout_bh + size_t(t0) * C;    // (rows,hd) stride C
+        // S, then P = exp(S - lse) on the causal part.
+        num_failed += sgemm_failed('N', 'T', rows, keys, hd, scale, q_blk, C3, k, C3, 0.0f,
+                                   probs.data(), keys);
+        // dP (rows,keys) = dout (rows,hd) @ v^T (hd,keys)
+        num_failed += sgemm_failed('N', 'T', rows, keys, hd, 1.0f, dout_blk, C, v, C3, 0.0f,
+                                   dscores.data(), keys);
+        for (int r = 0; r < rows; r++) {
+          const int t = t0 + r;
+          float* p = probs.data() + static_cast<size_t>(r) * keys;    // (keys)
+          float* d = dscores.data() + static_cast<size_t>(r) * keys;  // (keys)
+          const float* o = out_bh + static_cast<size_t>(t) * C;       // (hd)
+          const float* g = dout_bh + static_cast<size_t>(t) * C;      // (hd)
+          float delta = 0.0f;
+#pragma omp simd reduction(+ : delta)
+          for (int i = 0; i < hd; i++) delta += o[i] * g[i];
+          const float row_lse = lse_bh[t];
 #pragma omp simd
-      for (int j = 0; j <= t; j++) d[j] = p[j] * (d[j] - dot);
-      for (int j = t + 1; j < T; j++) d[j] = 0.0f;
+          for (int j = 0; j <= t; j++) {
+            p[j] = simd_expf(p[j] - row_lse);
+            d[j] = p[j] * (d[j] - delta);
+          }
+          for (int j = t + 1; j < keys; j++) p[j] = d[j] = 0.0f;
+        }
+        // dv (keys,hd) += P^T (keys,rows) @ dout (rows,hd)
+        num_failed += sgemm_failed('T', 'N', keys, hd, rows, 1.0f, probs.data(), keys, dout_blk,
+                                   C, 1.0f, dv, C3);
+        // dq[t0..] (rows,hd) += scale * dS (rows,keys) @ k (keys,hd)
+        num_failed += sgemm_failed('N', 'N', rows, hd, keys, scale, dscores.data(), keys, k, C3,
+                                   1.0f, dq + size_t(t0) * C3, C3);
+        // dk (keys,hd) += scale * dS^T (keys,rows) @ q (rows,hd)
+        num_failed += sgemm_failed('T', 'N', keys, hd, rows, scale, dscores.data(), keys, q_blk,
+                                   C3, 1.0f, dk, C3);
+      }
     }
-    // dq (T,hd) += scale * dS (T,T) @ k (T,hd)
-    num_failed += sgemm_failed('N', 'N', T, hd, T, scale, datt, T, k, C3, 1.0f, dq, C3);
-    // dk (T,hd) += scale * dS^T (T,T) @ q (T,hd)
-    num_failed += sgemm_failed('T', 'N', T, hd, T, scale, datt, T, q, C3, 1.0f, dk, C3);
   }
   MOE_CHECK(num_failed == 0, "attention_backward: dnnl_sgemm failed");
 }

@@ -33,8 +33,8 @@ class CpuBackend final : public Backend {
   void grouped_linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, const int* offsets_host, int E, int IC, int OC) override;
   void gelu_forward(float* out, const float* inp, size_t n) override;
   void gelu_backward(float* dinp, const float* inp, const float* dout, size_t n) override;
-  void attention_forward(float* out, float* att, const float* qkv, int B, int T, int C, int NH) override;
-  void attention_backward(float* dqkv, float* scratch, const float* dout, const float* qkv, const float* att, int B, int T, int C, int NH) override;
+  void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH) override;
+  void attention_backward(float* dqkv, const float* dout, const float* out, const float* qkv, const float* lse, int B, int T, int C, int NH) override;
   void crossentropy_forward(float* losses, float* probs, const float* logits, const int* targets, int N, int V) override;
   void crossentropy_backward(float* dlogits, const float* probs, const int* targets, float dloss, int N, int V) override;
   void softmax_forward(float* probs, float* lse, const float* logits, int N, int E) override;

@@ -105,8 +105,8 @@ class CudaBackend final : public Backend {
   void grouped_linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, const int* offsets_host, int E, int IC, int OC) override;
   void gelu_forward(float* out, const float* inp, size_t n) override;
   void gelu_backward(float* dinp, const float* inp, const float* dout, size_t n) override;
-  void attention_forward(float* out, float* att, const float* qkv, int B, int T, int C, int NH) override;
-  void attention_backward(float* dqkv, float* scratch, const float* dout, const float* qkv, const float* att, int B, int T, int C, int NH) override;
+  void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH) override;
+  void attention_backward(float* dqkv, const float* dout, const float* out, const float* qkv, const float* lse, int B, int T, int C, int NH) override;
   void crossentropy_forward(float* losses, float* probs, const float* logits, const int* targets, int N, int V) override;
   void crossentropy_backward(float* dlogits, const float* probs, const int* targets, float dloss, int N, int V) override;
   void softmax_forward(float* probs, float* lse, const float* logits, int N, int E) override;
@@ -127,7 +127,7 @@ class CudaBackend final : public Backend {
   // Scratch that lives until the next call with the same slot (ops run in stream order, so
   // an op may reuse a slot the previous op used). Grows, never shrinks.
   enum Slot {
-    kBf16Inp, kBf16Dout, kBf16Q, kBf16K, kBf16V, kBf16Att, kF32Y, kF32Dq, kF32Dk, kF32Dv,
+    kBf16Inp, kBf16Dout, kBf16Q, kBf16K, kBf16V, kF32Dq, kF32Delta,
     kIndexA, kIndexB, kHostVector, kReduce, kCapacityOrder,
     kBf16Product,     // the grouped expert GEMM's bf16 output (grouped_linear.cu)
     kGroupedPointers, // its device arrays of A, B and C pointers
