@@ -10,7 +10,8 @@
 #      against CPU, the NCCL communicator against MPI at one rank) and fails if any skips;
 #   4. runs bench_step --device cuda on a Switch-Base-like shape (12 layers, hidden 768, 12
 #      heads, ffn 3072, 8 experts every other layer, seq 1024, batch 8): tokens/s and MFU
-#      against the bf16 cuBLASLt GEMM rate measured in the same run;
+#      against the bf16 cuBLASLt GEMM rate measured in the same run, then again with
+#      MOE_GROUPED_GEMM=0 (experts one product each) to show what the grouped GEMM buys;
 #   5. runs benchmarks/torch_gpu_baseline.py (PyTorch eager, same model, same GPU);
 #   6. prints a summary and the acceptance checks (all tests pass, MFU >= 0.40, tokens/s >=
 #      1.5 x PyTorch eager); exit status 0 only when all hold.
@@ -139,6 +140,13 @@ timeout 300 "$build/benchmarks/bench_step" --device cuda "${shape[@]}" --max-pos
   > "$build/bench_step.log" 2>&1 || { tail -20 "$build/bench_step.log"; echo "gpu_check: bench_step FAILED"; }
 cat "$build/bench_step.log" | grep -v '^{'
 keep "$build/bench_step.log"
+# The same run with the experts as one cuBLASLt product each instead of one grouped call: what
+# the grouped GEMM buys (and whether cuBLAS took it: its refusal is one stderr line above).
+log "bench_step --device cuda, MOE_GROUPED_GEMM=0"
+MOE_GROUPED_GEMM=0 timeout 300 "$build/benchmarks/bench_step" --device cuda "${shape[@]}" \
+  --max-position-embeddings 1024 --global-batch-size "$micro" --iters "$iters" --warmup "$warmup" \
+  --threads 4 --json > "$build/bench_step_per_expert.log" 2>&1 || echo "gpu_check: bench_step (per expert) FAILED"
+keep "$build/bench_step_per_expert.log"
 
 # ---- 5. PyTorch eager, same model -------------------------------------------------------------
 log "PyTorch eager baseline"
@@ -147,7 +155,7 @@ timeout 300 "$python" benchmarks/torch_gpu_baseline.py "${shape[@]}" --iters "$i
 keep "$build/torch_gpu_baseline.log"
 
 # ---- 6. summary ---------------------------------------------------------------------------
-"$python" - "$build/bench_step.log" "$build/torch_gpu_baseline.log" "$tests_ok" <<'EOF'
+"$python" - "$build/bench_step.log" "$build/torch_gpu_baseline.log" "$tests_ok" "$build/bench_step_per_expert.log" <<'EOF'
 import json, sys
 def last_json(path):
     try:
@@ -166,6 +174,10 @@ if ours:
              ours["sgemm_peak_gflops"] / 1e3, ours["mfu"]))
     ok &= ours["mfu"] >= 0.40
     print("  MFU >= 0.40: %s" % ("yes" if ours["mfu"] >= 0.40 else "NO"))
+    per_expert = last_json(sys.argv[4])
+    if per_expert:
+        print("  experts one product each (MOE_GROUPED_GEMM=0): %.0f tokens/s; grouped/per-expert %.2fx"
+              % (per_expert["tokens_per_sec"], ours["tokens_per_sec"] / per_expert["tokens_per_sec"]))
 else:
     print("bench_step: no result"); ok = False
 if torch_run:
