@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "launcher/device.h"
 #include "model/checkpoint.h"
 #include "model/weights_io.h"
 
@@ -40,7 +41,7 @@ EvalSession open_evaluation(const EvalOptions& options) {
                      ", outside the model's vocabulary of " + std::to_string(config.vocab_size));
   session.data = std::make_unique<DataLoader>(DataLoader::for_evaluation(std::move(stream), T));
 
-  session.backend = make_cpu_backend();
+  session.backend = make_backend(options.device);
   session.self = make_self_communicator();
   session.layout = std::make_unique<ParamLayout>(config);
   Communicator& self = *session.self;

@@ -251,6 +251,7 @@ std::optional<EvalOptions> parse_eval_options(int argc, char** argv) {
       ("moe-eval-capacity-factor", po::value(&o.eval_capacity_factor)->default_value(o.eval_capacity_factor), "0: dropless")
       ("moe-token-drop-policy", po::value(&drop_policy)->default_value(drop_policy), "position | probs")
       ("threads", po::value(&o.threads)->default_value(0), "OpenMP threads; 0: default")
+      ("device", po::value(&o.device)->default_value(o.device), "cpu | cuda")
       ("dump-routing", po::value(&o.dump_routing), "write a CSV: each token's expert in every Switch layer");
   po::variables_map vm;
   if (!parse_into(argc, argv, desc, "usage: moe-eval --model FILE.safetensors --data-path FILE [options]", vm))

@@ -82,6 +82,7 @@ struct EvalOptions {
   double eval_capacity_factor = 2.0;
   DropPolicy drop_policy = DropPolicy::kPosition;
   int threads = 0;
+  std::string device = "cpu";  // cpu | cuda
   std::string dump_routing;  // --dump-routing FILE: per-token expert choices (launcher/routing_dump.h)
 };
 

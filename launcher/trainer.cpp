@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "dist/device_groups.h"
 #include "dist/watchdog.h"
+#include "launcher/device.h"
 #include "launcher/stop_signal.h"
 #include "model/weights_io.h"
 
@@ -22,12 +23,6 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
-}
-
-std::unique_ptr<Backend> make_backend(const std::string& device) {
-  if (device == "cpu") return make_cpu_backend();
-  if (device == "cuda") return make_cuda_backend(node_local_rank());  // one rank per GPU
-  throw UsageError("--device " + device + ": expected cpu or cuda");
 }
 
 // The vocabulary: --vocab-size when given, else what the data format implies.
