@@ -58,7 +58,7 @@ constexpr size_t kForwardSmem =
     3 * kHeadTileBytes<HDP> + kTileBytes + kTileBytesF32 + kHeadTileBytesF32<HDP> + 2 * kRowBytes;
 template <int HDP>
 constexpr size_t kBackwardSmem = 4 * kHeadTileBytes<HDP> + 2 * kTileBytes + 2 * kTileBytesF32 +
-                                 kHeadTileBytesF32<HDP> + 2 * kRowBytes;
+                                 2 * kRowBytes;  // the dQ staging tile reuses q_s and do_s
 
 // q, k, v (B,NH,T,HDP) bf16 from qkv (B,T,3C); head h is columns h*hd..(h+1)*hd of each part;
 // columns hd..HDP-1 are zero.
@@ -289,8 +289,11 @@ __global__ void __launch_bounds__(kFlashThreads)
   auto* dst_s = pt_s + kTile * kTileStride;                             // (64, 72) dS^T
   auto* st_s = reinterpret_cast<float*>(dst_s + kTile * kTileStride);   // (64, 68) S^T
   float* dpt_s = st_s + kTile * kTileStrideF32;                         // (64, 68) dP^T
-  float* stage_s = dpt_s + kTile * kTileStrideF32;                      // (64, HDP+4)
-  float* lse_s = stage_s + kTile * kHeadStrideF32<HDP>;                 // (64)
+  // (64, HDP+4) dQ / dK / dV staging. It reuses q_s and do_s, which nobody reads between the
+  // barrier before the dQ product and the next tile's barrier after which they are reloaded.
+  static_assert(kHeadTileBytesF32<HDP> <= 2 * kHeadTileBytes<HDP>, "stage_s fits in q_s, do_s");
+  float* stage_s = reinterpret_cast<float*>(q_s);
+  float* lse_s = dpt_s + kTile * kTileStrideF32;                        // (64)
   float* delta_s = lse_s + kTile;                                       // (64)
 
   const int bh = blockIdx.x, k0 = blockIdx.y * kTile;  // low k0: most query tiles, first
@@ -313,7 +316,7 @@ __global__ void __launch_bounds__(kFlashThreads)
   }
 
   for (int q0 = k0; q0 < T; q0 += kTile) {
-    __syncthreads();  // the previous tile's q_s, do_s, dst_s are no longer read
+    __syncthreads();  // every warp is done with stage_s (= q_s, do_s) of the previous tile
     load_head_tile<HDP>(q_s, q + head, q0, T);
     load_head_tile<HDP>(do_s, dout + head, q0, T);
     if (threadIdx.x < kTile) {
@@ -444,6 +447,21 @@ int padded_head_dim(int hd) {
   return hdp;
 }
 
+// Lets `kernel` use `bytes` of dynamic shared memory (past 48 KiB a kernel must ask), or says
+// plainly that this GPU has too little (e.g. sm_86/sm_89: 99 KiB per block).
+template <typename Kernel>
+void allow_shared_memory(Kernel kernel, size_t bytes, const char* what) {
+  int device = 0, limit = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (bytes > static_cast<size_t>(limit))
+    throw RuntimeError(std::string(what) + " needs " + std::to_string(bytes) +
+                       " bytes of shared memory per block for this head dim; this GPU allows " +
+                       std::to_string(limit));
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(bytes)));
+}
+
 // Grid: x over the B*NH heads (no 65535 limit there), y over the 64-row tiles.
 dim3 flash_grid(int B, int T, int NH) {
   return dim3(static_cast<unsigned>(B * NH), static_cast<unsigned>((T + kTile - 1) / kTile));
@@ -452,11 +470,8 @@ dim3 flash_grid(int B, int T, int NH) {
 template <int HDP>
 void launch_forward(float* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                     const __nv_bfloat16* v, int B, int T, int C, int NH, float scale) {
-  // Past 48 KiB a kernel must ask for its dynamic shared memory.
   constexpr size_t smem_bytes = kForwardSmem<HDP>;
-  CUDA_CHECK(cudaFuncSetAttribute(flash_forward_kernel<HDP>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(smem_bytes)));
+  allow_shared_memory(flash_forward_kernel<HDP>, smem_bytes, "attention_forward");
   flash_forward_kernel<HDP><<<flash_grid(B, T, NH), kFlashThreads, smem_bytes>>>(
       out, lse, q, k, v, T, C, NH, C / NH, scale);
   CUDA_CHECK_LAUNCH();
@@ -467,9 +482,7 @@ void launch_backward(float* dqkv, float* dq, const __nv_bfloat16* q, const __nv_
                      const __nv_bfloat16* v, const __nv_bfloat16* dout, const float* lse,
                      const float* delta, int B, int T, int C, int NH, float scale) {
   constexpr size_t smem_bytes = kBackwardSmem<HDP>;
-  CUDA_CHECK(cudaFuncSetAttribute(flash_backward_kernel<HDP>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(smem_bytes)));
+  allow_shared_memory(flash_backward_kernel<HDP>, smem_bytes, "attention_backward");
   flash_backward_kernel<HDP><<<flash_grid(B, T, NH), kFlashThreads, smem_bytes>>>(
       dqkv, dq, q, k, v, dout, lse, delta, T, C, NH, C / NH, scale);
   CUDA_CHECK_LAUNCH();
