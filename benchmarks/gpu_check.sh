@@ -11,7 +11,8 @@
 #   4. runs bench_step --device cuda on a Switch-Base-like shape (12 layers, hidden 768, 12
 #      heads, ffn 3072, 8 experts every other layer, seq 1024, batch 8): tokens/s and MFU
 #      against the bf16 cuBLASLt GEMM rate measured in the same run, then again with
-#      MOE_GROUPED_GEMM=0 (experts one product each) to show what the grouped GEMM buys;
+#      MOE_GROUPED_GEMM=0 (experts one product each) to show what the grouped GEMM buys, and
+#      once with MOE_CUDA_PROFILE=1 for the GPU time of every backend op;
 #   5. runs benchmarks/torch_gpu_baseline.py (PyTorch eager, same model, same GPU);
 #   6. prints a summary and the acceptance checks (all tests pass, MFU >= 0.40, tokens/s >=
 #      1.5 x PyTorch eager); exit status 0 only when all hold.
@@ -147,6 +148,13 @@ MOE_GROUPED_GEMM=0 timeout 300 "$build/benchmarks/bench_step" --device cuda "${s
   --max-position-embeddings 1024 --global-batch-size "$micro" --iters "$iters" --warmup "$warmup" \
   --threads 4 --json > "$build/bench_step_per_expert.log" 2>&1 || echo "gpu_check: bench_step (per expert) FAILED"
 keep "$build/bench_step_per_expert.log"
+# Where the GPU time goes, per op of the backend (CUDA events; no profiler needed on the machine).
+log "bench_step --device cuda, MOE_CUDA_PROFILE=1"
+MOE_CUDA_PROFILE=1 timeout 300 "$build/benchmarks/bench_step" --device cuda "${shape[@]}" \
+  --max-position-embeddings 1024 --global-batch-size "$micro" --iters 3 --warmup 1 --threads 4 \
+  > "$build/bench_step_profile.log" 2>&1 || echo "gpu_check: bench_step (profiled) FAILED"
+grep "^moe:" "$build/bench_step_profile.log" | head -25
+keep "$build/bench_step_profile.log"
 
 # ---- 5. PyTorch eager, same model -------------------------------------------------------------
 log "PyTorch eager baseline"

@@ -519,5 +519,43 @@ TEST_F(CudaOps, AdamW) {
   expect_match("adamw exp_avg_sq", down(gv, n), v, kFp32);
 }
 
+// MOE_CUDA_PROFILE=1 (read when a backend is created) wraps the backend in the per-op timer:
+// the ops still compute the same results, and destroying it prints a table with one row per op
+// that ran, with its number of calls.
+TEST_F(CudaOps, ProfileTableCountsTheOps) {
+  const char* env_before = std::getenv("MOE_CUDA_PROFILE");
+  const std::string env_value = env_before ? env_before : "";
+  setenv("MOE_CUDA_PROFILE", "1", 1);
+  std::unique_ptr<Backend> profiled = make_cuda_backend(0);
+  if (env_before)
+    setenv("MOE_CUDA_PROFILE", env_value.c_str(), 1);
+  else
+    unsetenv("MOE_CUDA_PROFILE");
+  const size_t n = 4099;
+  const std::vector<float> a = random(n), b = random(n);
+  std::vector<float> want(n), got(n);
+  std::string table;
+  {
+    StderrNotes notes;
+    auto* ga = static_cast<float*>(profiled->alloc_bytes(n * 4));
+    auto* gb = static_cast<float*>(profiled->alloc_bytes(n * 4));
+    profiled->copy_from_host(ga, a.data(), n * 4);
+    profiled->copy_from_host(gb, b.data(), n * 4);
+    for (int i = 0; i < 3; ++i) profiled->add(gb, ga, gb, n);  // b + 3a
+    profiled->copy_to_host(got.data(), gb, n * 4);
+    profiled->free_bytes(ga);
+    profiled->free_bytes(gb);
+    profiled.reset();
+    table = notes.finish();
+  }
+  for (size_t i = 0; i < n; ++i) want[i] = b[i] + 3 * a[i];
+  expect_match("profiled add", got, want, kFp32);
+  EXPECT_NE(table.find("CUDA op profile"), std::string::npos) << table;
+  const size_t add_row = table.find("moe:   add ");
+  ASSERT_NE(add_row, std::string::npos) << table;
+  EXPECT_EQ(std::stoll(table.substr(table.find_first_not_of(' ', add_row + 10))), 3) << table;
+  EXPECT_NE(table.find("moe:   copy_from_host "), std::string::npos) << table;
+}
+
 }  // namespace
 }  // namespace moe

@@ -4,9 +4,11 @@
 // no exception crosses the boundary: failures come back as a message.
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <string>
 
 #include "core/cuda/cuda_backend.h"
+#include "core/cuda/profiling_backend.h"
 
 namespace {
 
@@ -36,7 +38,7 @@ int moe_cuda_plugin_unavailable_reason(char* reason, size_t size) {
 
 int moe_cuda_plugin_make_backend(int device, moe::Backend** backend, char* error, size_t size) {
   try {
-    *backend = new moe::CudaBackend(device);
+    *backend = moe::profile_if_asked(std::make_unique<moe::CudaBackend>(device)).release();
     return 0;
   } catch (const std::exception& e) {
     return report(e, error, size);
