@@ -24,7 +24,9 @@ __global__ void crossentropy_forward_kernel(float* losses,        // (N)
   sum = cuda::block_sum(sum);  // every thread has read its x[j] before any writes below
   const float inv_sum = 1.0f / sum;
   for (int j = threadIdx.x; j < V; j += blockDim.x) p[j] = __expf(x[j] - max) * inv_sum;
-  if (threadIdx.x == 0) losses[i] = logf(sum) + max - target_logit;
+  // max - target_logit first: the rounding of the sum stays at the loss's magnitude, not
+  // max's (a confident prediction has a loss near 0 and max far from 0).
+  if (threadIdx.x == 0) losses[i] = (max - target_logit) + logf(sum);
 }
 
 // dlogits = (probs - onehot(target)) * dloss, written (may alias probs).

@@ -1,5 +1,7 @@
 // LayerNorm over the last dim, eps 1e-5: one warp per row for the per-row work; dweight and
 // dbias (sums over rows) by column blocks, partial sums over row chunks added with atomics.
+#include <algorithm>
+
 #include "core/cuda/cuda_backend.h"
 #include "core/cuda/device_math.cuh"
 
@@ -74,13 +76,16 @@ __global__ void layernorm_backward_params_kernel(float* dweight,       // (C) +=
   __shared__ float dw_part[8][33];  // (8, 32) padded against bank conflicts
   __shared__ float db_part[8][33];
   const int c = blockIdx.x * 32 + threadIdx.x;
-  const int n0 = blockIdx.y * kRowChunk, n1 = min(N, n0 + kRowChunk);
   float dw = 0.0f, db = 0.0f;
   if (c < C) {
-    for (int n = n0 + threadIdx.y; n < n1; n += blockDim.y) {
-      const float dy = dout[static_cast<size_t>(n) * C + c];
-      dw += dy * (inp[static_cast<size_t>(n) * C + c] - mean[n]) * rstd[n];
-      db += dy;
+    // gridDim.y is capped at 65535 (N > 65535 * kRowChunk rows): chunks stride over the grid.
+    for (int n0 = blockIdx.y * kRowChunk; n0 < N; n0 += gridDim.y * kRowChunk) {
+      const int n1 = min(N, n0 + kRowChunk);
+      for (int n = n0 + threadIdx.y; n < n1; n += blockDim.y) {
+        const float dy = dout[static_cast<size_t>(n) * C + c];
+        dw += dy * (inp[static_cast<size_t>(n) * C + c] - mean[n]) * rstd[n];
+        db += dy;
+      }
     }
   }
   dw_part[threadIdx.y][threadIdx.x] = dw;
@@ -119,7 +124,7 @@ void CudaBackend::layernorm_backward(float* dinp, float* dweight, float* dbias, 
   const int blocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
   layernorm_backward_input_kernel<<<blocks, kThreads>>>(dinp, dout, inp, weight, mean, rstd, N, C);
   CUDA_CHECK_LAUNCH();
-  const dim3 grid((C + 31) / 32, (N + kRowChunk - 1) / kRowChunk), block(32, 8);
+  const dim3 grid((C + 31) / 32, std::min((N + kRowChunk - 1) / kRowChunk, 65535)), block(32, 8);
   layernorm_backward_params_kernel<<<grid, block>>>(dweight, dbias, dout, inp, mean, rstd, N, C);
   CUDA_CHECK_LAUNCH();
 }
