@@ -131,7 +131,12 @@ void CudaBackend::gemm(const GemmCall& call) {
     const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
         lt_, d.op, d.a, d.b, d.c, d.c, preference, 1, &result, &found);
     cublasLtMatmulPreferenceDestroy(preference);
-    CUBLAS_CHECK(status);
+    // cuBLASLt reports "no algorithm for this configuration" as NOT_SUPPORTED, not always as
+    // success with found == 0: both must reach the bias fallback below.
+    if (status == CUBLAS_STATUS_NOT_SUPPORTED)
+      found = 0;
+    else
+      CUBLAS_CHECK(status);
     if (found == 0 && g.bias != nullptr) {
       // No kernel with the bias epilogue for this shape: the product, then the bias.
       GemmCall without_bias = g;
