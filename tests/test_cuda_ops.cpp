@@ -276,6 +276,23 @@ GroupedLinearTensors run_grouped_linear(Backend& backend, const GroupedLinearCas
   return t;
 }
 
+// A CUDA backend created with the environment variable `name` set to `value` (unset when
+// nullptr): the backends read their switches when created. The variable is restored after.
+std::unique_ptr<Backend> backend_with_env(const char* name, const char* value) {
+  const char* before = std::getenv(name);
+  const std::string saved = before ? before : "";
+  if (value)
+    setenv(name, value, 1);
+  else
+    unsetenv(name);
+  std::unique_ptr<Backend> backend = make_cuda_backend(0);
+  if (before)
+    setenv(name, saved.c_str(), 1);
+  else
+    unsetenv(name);
+  return backend;
+}
+
 // Captures stderr while it lives (the backends' one-line notes) and passes it on.
 class StderrNotes {
  public:
@@ -306,17 +323,9 @@ TEST_F(CudaOps, GroupedLinear) {
       {" offset, no bias", 6, 128, 96, 80, {9, 9, 9, 40, 41, 41, 75}, false},
       {" unaligned", 3, 100, 60, 60, {3, 20, 20, 51}, true},
   };
-  const char* env_before = std::getenv("MOE_GROUPED_GEMM");
-  const std::string env_value = env_before ? env_before : "";
   StderrNotes notes;
-  unsetenv("MOE_GROUPED_GEMM");
-  std::unique_ptr<Backend> grouped = make_cuda_backend(0);
-  setenv("MOE_GROUPED_GEMM", "0", 1);
-  std::unique_ptr<Backend> per_expert = make_cuda_backend(0);
-  if (env_before)
-    setenv("MOE_GROUPED_GEMM", env_value.c_str(), 1);
-  else
-    unsetenv("MOE_GROUPED_GEMM");
+  std::unique_ptr<Backend> grouped = backend_with_env("MOE_GROUPED_GEMM", nullptr);
+  std::unique_ptr<Backend> per_expert = backend_with_env("MOE_GROUPED_GEMM", "0");
 
   for (const GroupedLinearCase& c : cases) {
     const size_t rows = c.buffer_rows, weights = static_cast<size_t>(c.E) * c.OC * c.IC;
@@ -523,14 +532,7 @@ TEST_F(CudaOps, AdamW) {
 // the ops still compute the same results, and destroying it prints a table with one row per op
 // that ran, with its number of calls.
 TEST_F(CudaOps, ProfileTableCountsTheOps) {
-  const char* env_before = std::getenv("MOE_CUDA_PROFILE");
-  const std::string env_value = env_before ? env_before : "";
-  setenv("MOE_CUDA_PROFILE", "1", 1);
-  std::unique_ptr<Backend> profiled = make_cuda_backend(0);
-  if (env_before)
-    setenv("MOE_CUDA_PROFILE", env_value.c_str(), 1);
-  else
-    unsetenv("MOE_CUDA_PROFILE");
+  std::unique_ptr<Backend> profiled = backend_with_env("MOE_CUDA_PROFILE", "1");
   const size_t n = 4099;
   const std::vector<float> a = random(n), b = random(n);
   std::vector<float> want(n), got(n);
