@@ -111,19 +111,18 @@ bool GroupedGemm::run(int device, bool trans_a, bool trans_b,
   // copy itself is ordered before the GEMM on stream 0.
   CUDA_CHECK(cudaMemcpyAsync(device_pointers, pointers.data(), pointers.size() * sizeof(void*),
                              cudaMemcpyHostToDevice, 0));
-  void** a_array = device_pointers;                                        // (groups) device
-  void** b_array = device_pointers + num_groups;                           // (groups) device
-  void** c_array = device_pointers + 2 * static_cast<size_t>(num_groups);  // (groups) device
   // cublasGemmGroupedBatchedEx arrived in cuBLAS 12.5; an older toolkit (the GPU machine's
   // own) still builds, and its backends run the experts one product each.
 #if CUBLAS_VERSION >= 120500
+  void** a_array = device_pointers;                                        // (groups) device
+  void** b_array = device_pointers + num_groups;                           // (groups) device
+  void** c_array = device_pointers + 2 * static_cast<size_t>(num_groups);  // (groups) device
   const cublasStatus_t status = cublasGemmGroupedBatchedEx(
       handle_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(), alpha.data(), a_array,
       CUDA_R_16BF, lda.data(), b_array, CUDA_R_16BF, ldb.data(), beta.data(), c_array,
       CUDA_R_16BF, ldc.data(), num_groups, group_size.data(), CUBLAS_COMPUTE_32F);
 #else
   const cublasStatus_t status = CUBLAS_STATUS_NOT_SUPPORTED;
-  (void)a_array, (void)b_array, (void)c_array;
 #endif
   if (status != CUBLAS_STATUS_SUCCESS) {
     // Whatever cuBLAS did, it wrote only the C matrices (the caller's scratch), and the
