@@ -156,6 +156,14 @@ class CudaBackend final : public Backend {
     __nv_bfloat16* shadow = nullptr;  // bf16 copy of the floats, or nullptr
     bool shadow_valid = false;
   };
+  // The local experts' forward (transpose_weight: rows_e W_e^T, rows (rows,IC)) or dinp
+  // (rows_e W_e, rows (rows,OC)) products as one grouped call into a bf16 scratch product
+  // (rows, OC or IC) from offsets[0]; nullptr when the grouped call is off or was refused, and
+  // the caller runs one cuBLASLt product per expert (grouped_linear.cu).
+  const __nv_bfloat16* grouped_expert_products(bool transpose_weight,
+                                               const __nv_bfloat16* w_bf16,
+                                               const __nv_bfloat16* rows_bf16,
+                                               const int* offsets_host, int E, int IC, int OC);
   // The allocation holding ptr, or nullptr.
   Allocation* find_allocation(const void* ptr, uintptr_t* base = nullptr);
 

@@ -116,6 +116,41 @@ void dinp_per_expert(CudaBackend& backend,
 
 }  // namespace
 
+const __nv_bfloat16* CudaBackend::grouped_expert_products(bool transpose_weight,
+                                                         const __nv_bfloat16* w_bf16,
+                                                         const __nv_bfloat16* rows_bf16,
+                                                         const int* offsets_host, int E, int IC,
+                                                         int OC) {
+  if (!grouped_gemm_.enabled()) return nullptr;
+  // Expert e's rows of the product, column-major: product_e^T (m,n) = op(W_e) (m,k) *
+  // rows_e^T (k,n), with W_e stored (OC,IC) row-major, i.e. (IC,OC) column-major (lda IC).
+  const int m = transpose_weight ? OC : IC, k = transpose_weight ? IC : OC;
+  const int first = offsets_host[0], rows = offsets_host[E] - first;
+  auto* product = static_cast<__nv_bfloat16*>(
+      scratch(kBf16Product, static_cast<size_t>(rows) * m * sizeof(__nv_bfloat16)));  // (rows,m)
+  std::vector<GroupedGemmProblem> problems;  // (non-empty experts)
+  for (int e = 0; e < E; ++e) {
+    const int r0 = offsets_host[e], n = offsets_host[e + 1] - r0;
+    if (n == 0) continue;
+    GroupedGemmProblem p;
+    p.m = m;
+    p.n = n;
+    p.k = k;
+    p.a = w_bf16 + static_cast<size_t>(e) * OC * IC;
+    p.lda = IC;
+    p.b = rows_bf16 + static_cast<size_t>(r0 - first) * k;
+    p.ldb = k;
+    p.c = product + static_cast<size_t>(r0 - first) * m;
+    p.ldc = m;
+    problems.push_back(p);
+  }
+  void** pointers = static_cast<void**>(
+      scratch(kGroupedPointers, 3 * problems.size() * sizeof(void*)));  // (3, problems)
+  return grouped_gemm_.run(device_, transpose_weight, /*trans_b=*/false, problems, pointers)
+             ? product
+             : nullptr;
+}
+
 void CudaBackend::grouped_linear_forward(float* out,               // (rows,OC)
                                          const float* inp,         // (rows,IC)
                                          const float* weight,      // (E,OC,IC)
@@ -130,38 +165,16 @@ void CudaBackend::grouped_linear_forward(float* out,               // (rows,OC)
               static_cast<size_t>(rows) * IC);  // (rows,IC) from offsets[0]
   const __nv_bfloat16* w_bf16 = bf16_weight(weight, static_cast<size_t>(E) * OC * IC);
 
-  if (grouped_gemm_.enabled()) {
-    // product (rows,OC) bf16, from offsets[0]: expert e's rows are product_e^T (OC,n) =
-    // W_e (OC,IC) * inp_e^T (IC,n), A stored (IC,OC) and transposed.
-    auto* product = static_cast<__nv_bfloat16*>(
-        scratch(kBf16Product, static_cast<size_t>(rows) * OC * sizeof(__nv_bfloat16)));
-    std::vector<GroupedGemmProblem> problems;  // (non-empty experts)
-    for (int e = 0; e < E; ++e) {
-      const int r0 = offsets_host[e], n = offsets_host[e + 1] - r0;
-      if (n == 0) continue;
-      GroupedGemmProblem p;
-      p.m = OC;
-      p.n = n;
-      p.k = IC;
-      p.a = w_bf16 + static_cast<size_t>(e) * OC * IC;
-      p.lda = IC;
-      p.b = inp_bf16 + static_cast<size_t>(r0 - first) * IC;
-      p.ldb = IC;
-      p.c = product + static_cast<size_t>(r0 - first) * OC;
-      p.ldc = OC;
-      problems.push_back(p);
-    }
-    void** pointers = static_cast<void**>(
-        scratch(kGroupedPointers, 3 * problems.size() * sizeof(void*)));  // (3, problems)
-    if (grouped_gemm_.run(device_, /*trans_a=*/true, /*trans_b=*/false, problems, pointers)) {
-      note_write(out);
-      const int* offsets = bias ? upload(kIndexA, offsets_host, E + 1) : nullptr;  // (E+1)
-      const size_t total = static_cast<size_t>(rows) * OC;
-      expert_output_kernel<<<grid_for(total), kThreads>>>(out + static_cast<size_t>(first) * OC,
-                                                          product, bias, offsets, E, rows, OC);
-      CUDA_CHECK_LAUNCH();
-      return;
-    }
+  if (const __nv_bfloat16* product =
+          grouped_expert_products(/*transpose_weight=*/true, w_bf16, inp_bf16, offsets_host, E,
+                                  IC, OC)) {  // (rows,OC) from offsets[0]
+    note_write(out);
+    const int* offsets = bias ? upload(kIndexA, offsets_host, E + 1) : nullptr;  // (E+1)
+    const size_t total = static_cast<size_t>(rows) * OC;
+    expert_output_kernel<<<grid_for(total), kThreads>>>(out + static_cast<size_t>(first) * OC,
+                                                        product, bias, offsets, E, rows, OC);
+    CUDA_CHECK_LAUNCH();
+    return;
   }
   forward_per_expert(*this, out, inp_bf16, w_bf16, bias, offsets_host, E, IC, OC);
 }
@@ -184,41 +197,17 @@ void CudaBackend::grouped_linear_backward(float* dinp,               // (rows,IC
   const __nv_bfloat16* w_bf16 = bf16_weight(weight, static_cast<size_t>(E) * OC * IC);
 
   if (dinp != nullptr) {
-    bool dinp_done = false;
-    if (grouped_gemm_.enabled()) {
-      // product (rows,IC) bf16, from offsets[0]: expert e's rows are product_e^T (IC,n) =
-      // W_e^T (IC,OC) * dout_e^T (OC,n), A stored (IC,OC), nothing transposed.
-      auto* product = static_cast<__nv_bfloat16*>(
-          scratch(kBf16Product, static_cast<size_t>(rows) * IC * sizeof(__nv_bfloat16)));
-      std::vector<GroupedGemmProblem> problems;  // (non-empty experts)
-      for (int e = 0; e < E; ++e) {
-        const int r0 = offsets_host[e], n = offsets_host[e + 1] - r0;
-        if (n == 0) continue;
-        GroupedGemmProblem p;
-        p.m = IC;
-        p.n = n;
-        p.k = OC;
-        p.a = w_bf16 + static_cast<size_t>(e) * OC * IC;
-        p.lda = IC;
-        p.b = dout_bf16 + static_cast<size_t>(r0 - first) * OC;
-        p.ldb = OC;
-        p.c = product + static_cast<size_t>(r0 - first) * IC;
-        p.ldc = IC;
-        problems.push_back(p);
-      }
-      void** pointers = static_cast<void**>(
-          scratch(kGroupedPointers, 3 * problems.size() * sizeof(void*)));  // (3, problems)
-      dinp_done = grouped_gemm_.run(device_, /*trans_a=*/false, /*trans_b=*/false, problems,
-                                    pointers);
-      if (dinp_done) {
-        note_write(dinp);
-        const size_t total = static_cast<size_t>(rows) * IC;
-        accumulate_bf16_kernel<<<grid_for(total), kThreads>>>(
-            dinp + static_cast<size_t>(first) * IC, product, total);
-        CUDA_CHECK_LAUNCH();
-      }
+    if (const __nv_bfloat16* product =
+            grouped_expert_products(/*transpose_weight=*/false, w_bf16, dout_bf16, offsets_host,
+                                    E, IC, OC)) {  // (rows,IC) from offsets[0]
+      note_write(dinp);
+      const size_t total = static_cast<size_t>(rows) * IC;
+      accumulate_bf16_kernel<<<grid_for(total), kThreads>>>(
+          dinp + static_cast<size_t>(first) * IC, product, total);
+      CUDA_CHECK_LAUNCH();
+    } else {
+      dinp_per_expert(*this, dinp, dout_bf16, w_bf16, offsets_host, E, IC, OC);
     }
-    if (!dinp_done) dinp_per_expert(*this, dinp, dout_bf16, w_bf16, offsets_host, E, IC, OC);
   }
 
   // The weight gradient stays one cuBLASLt product per expert with an fp32 output and beta 1:
