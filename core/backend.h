@@ -108,6 +108,44 @@ class Backend {
                                        const int* offsets_host,  // (E+1)
                                        int E, int IC, int OC) = 0;
 
+  // ---- linear + bias + GELU: the dense FFN's c_fc, one op so a backend can fuse it -------
+  // pre = inp @ weight^T + bias;  out = gelu(pre)   (gelu's tanh form, below)
+  virtual void linear_gelu_forward(float* pre,          // (N,OC) saved for the backward
+                                   float* out,          // (N,OC)
+                                   const float* inp,    // (N,IC)
+                                   const float* weight, // (OC,IC)
+                                   const float* bias,   // (OC) or nullptr
+                                   int N, int IC, int OC) = 0;
+  // The backward of y = gelu(pre) @ weight^T + bias (the c_proj after c_fc's GELU), through
+  // the GELU: dpre = gelu'(pre) * (dout @ weight) is WRITTEN (not accumulated); the weight and
+  // bias gradients accumulate as in linear_backward, with act = gelu(pre) as the input.
+  virtual void gelu_linear_backward(float* dpre,          // (N,IC) written
+                                    float* dweight,       // (OC,IC) +=
+                                    float* dbias,         // (OC)    += or nullptr
+                                    const float* dout,    // (N,OC)
+                                    const float* act,     // (N,IC) gelu(pre), c_proj's input
+                                    const float* weight,  // (OC,IC)
+                                    const float* pre,     // (N,IC) gelu's input
+                                    int N, int IC, int OC) = 0;
+  // The same two ops for the experts, grouped like grouped_linear: rows [offsets[e],
+  // offsets[e+1]) use expert e, and only rows [offsets[0], offsets[E]) are touched.
+  virtual void grouped_linear_gelu_forward(float* pre,               // (rows,OC)
+                                           float* out,               // (rows,OC)
+                                           const float* inp,         // (rows,IC)
+                                           const float* weight,      // (E,OC,IC)
+                                           const float* bias,        // (E,OC) or nullptr
+                                           const int* offsets_host,  // (E+1)
+                                           int E, int IC, int OC) = 0;
+  virtual void gelu_grouped_linear_backward(float* dpre,              // (rows,IC) written
+                                            float* dweight,           // (E,OC,IC) +=
+                                            float* dbias,             // (E,OC)    += or nullptr
+                                            const float* dout,        // (rows,OC)
+                                            const float* act,         // (rows,IC) gelu(pre)
+                                            const float* weight,      // (E,OC,IC)
+                                            const float* pre,         // (rows,IC)
+                                            const int* offsets_host,  // (E+1)
+                                            int E, int IC, int OC) = 0;
+
   // ---- GELU, tanh form -----------------------------------------------------------------
   virtual void gelu_forward(float* out, const float* inp, size_t n) = 0;
   virtual void gelu_backward(float* dinp,        // (n) +=

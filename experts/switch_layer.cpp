@@ -53,7 +53,6 @@ SwitchLayer::SwitchLayer(Backend& backend, const SwitchShape& shape, const Switc
   y_RD_ = Buffer<float>(backend, R * D);
   dy_RD_ = Buffer<float>(backend, R * D);
   dy_LD_ = Buffer<float>(backend, L * D);
-  da_LF_ = Buffer<float>(backend, L * F);
   dh_LF_ = Buffer<float>(backend, L * F);
   dx_LD_ = Buffer<float>(backend, L * D);
   dx_RD_ = Buffer<float>(backend, R * D);
@@ -160,13 +159,12 @@ void SwitchLayer::forward(float* out, const float* x_ND, const SwitchWeights& w,
     handle_ = dispatcher_.plan(counts_E_.data());
     dispatcher_.dispatch(handle_, x_LD_.data(), x_RD_.data(), D);
   }
-  const int L = handle_.num_local_rows, E_local = dispatcher_.num_local_experts();
+  const int E_local = dispatcher_.num_local_experts();
   const int* local_offsets = handle_.local_offsets.data();
   {
     ScopedPhase phase(*times_, Phase::kExpertGemm);
-    backend_.grouped_linear_forward(h_LF_.data(), x_LD_.data(), w.fc_w, w.fc_b, local_offsets,
-                                    E_local, D, F);
-    backend_.gelu_forward(a_LF_.data(), h_LF_.data(), static_cast<size_t>(L) * F);
+    backend_.grouped_linear_gelu_forward(h_LF_.data(), a_LF_.data(), x_LD_.data(), w.fc_w,
+                                         w.fc_b, local_offsets, E_local, D, F);
     backend_.grouped_linear_forward(y_LD_.data(), a_LF_.data(), w.proj_w, w.proj_b,
                                     local_offsets, E_local, F, D);
   }
@@ -204,7 +202,7 @@ void SwitchLayer::backward(float* dx_ND, const SwitchGrads& g, const float* dout
                            float z_scale) {
   const int tp = groups_.tp.size(), N = num_tokens_, T = num_routed_, D = shape_.hidden,
             F = shape_.ffn, E = shape_.num_experts, K = shape_.top_k, R = num_rows_,
-            L = handle_.num_local_rows, E_local = dispatcher_.num_local_experts();
+            E_local = dispatcher_.num_local_experts();
   const int* local_offsets = handle_.local_offsets.data();
   const size_t slice = static_cast<size_t>(groups_.tp.rank()) * T * D;
   const float* dout = dout_ND + slice;  // (T, D)
@@ -230,12 +228,9 @@ void SwitchLayer::backward(float* dx_ND, const SwitchGrads& g, const float* dout
   }
   {
     ScopedPhase phase(*times_, Phase::kExpertGemm);
-    da_LF_.zero();
-    backend_.grouped_linear_backward(da_LF_.data(), g.proj_w, g.proj_b, dy_LD_.data(),
-                                     a_LF_.data(), w.proj_w, local_offsets, E_local, F, D);
-    dh_LF_.zero();
-    backend_.gelu_backward(dh_LF_.data(), h_LF_.data(), da_LF_.data(),
-                           static_cast<size_t>(L) * F);
+    backend_.gelu_grouped_linear_backward(dh_LF_.data(), g.proj_w, g.proj_b, dy_LD_.data(),
+                                          a_LF_.data(), w.proj_w, h_LF_.data(), local_offsets,
+                                          E_local, F, D);
     dx_LD_.zero();
     backend_.grouped_linear_backward(dx_LD_.data(), g.fc_w, g.fc_b, dh_LF_.data(), x_LD_.data(),
                                      w.fc_w, local_offsets, E_local, D, F);

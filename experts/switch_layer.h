@@ -151,7 +151,6 @@ class SwitchLayer {
   // backward scratch
   Buffer<float> dy_RD_;          // (T*K, D)
   Buffer<float> dy_LD_;          // (ep*T*K, D)
-  Buffer<float> da_LF_;          // (ep*T*K, F)
   Buffer<float> dh_LF_;          // (ep*T*K, F)
   Buffer<float> dx_LD_;          // (ep*T*K, D)
   Buffer<float> dx_RD_;          // (T*K, D)

@@ -195,8 +195,8 @@ ParamCounts count_params(const ModelConfig& model, const PlanLayout& layout) {
 //              (ep x R dropless): router noise/input/logits/probs 2SC + 2SE; x_RD, y_RD 2RC;
 //              x_LD, y_LD 2 R_in C; h_LF, a_LF 2 R_in F
 //   once       embedding BTC, ln_f BTC + 2BT, logits BTV, losses BT
-//   backward   dres, dln 2BTC; datty BTC'; dqkv 3BTC'; dfch, dfch_gelu 2BTF';
-//              Switch scratch (shared by layers) 2RC + 2 R_in C + 2 R_in F + 2SE
+//   backward   dres, dln 2BTC; datty BTC'; dqkv 3BTC'; dfch BTF';
+//              Switch scratch (shared by layers) 2RC + 2 R_in C + R_in F + 2SE
 MemoryEstimate estimate_memory(const Workload& w, const PlanLayout& layout, int param_bytes,
                                int grad_bytes, int optimizer_bytes, int act_bytes) {
   const Shape s = shape_of(w);
@@ -216,8 +216,8 @@ MemoryEstimate estimate_memory(const Workload& w, const PlanLayout& layout, int 
                               2 * R_in * s.F;
   double elements = s.L * block + s.dense_layers * 2 * BT * Fl + s.switch_layers * switch_saved;
   elements += BT * s.C + BT * s.C + 2 * BT + BT * s.V + BT;
-  elements += 2 * BT * s.C + 4 * BT * Cl + 2 * BT * Fl;
-  if (s.switch_layers > 0) elements += 2 * R * s.C + 2 * R_in * s.C + 2 * R_in * s.F + 2 * S * s.E;
+  elements += 2 * BT * s.C + 4 * BT * Cl + BT * Fl;
+  if (s.switch_layers > 0) elements += 2 * R * s.C + 2 * R_in * s.C + R_in * s.F + 2 * S * s.E;
   m.activations = elements * act_bytes;
   return m;
 }

@@ -63,7 +63,6 @@ GptModel::GptModel(Backend& backend, const ModelConfig& config, const ParamLayou
   dln_ = Buffer<float>(backend, BT * C);
   datty_ = Buffer<float>(backend, BT * CL);
   dqkv_ = Buffer<float>(backend, BT * 3 * CL);
-  dfch_gelu_ = Buffer<float>(backend, BT * F);
   dfch_ = Buffer<float>(backend, BT * F);
 }
 
@@ -108,8 +107,8 @@ ForwardLosses GptModel::forward(const int* inputs_host, const int* targets_host,
                                a.res2.data(), w.ln2_w, w.ln2_b, N, C);
     const int s = switch_index_of_layer_[l];
     if (s < 0) {
-      backend_.linear_forward(a.fch.data(), a.ln2.data(), w.fc_w, w.fc_b, N, C, F);
-      backend_.gelu_forward(a.fch_gelu.data(), a.fch.data(), static_cast<size_t>(N) * F);
+      backend_.linear_gelu_forward(a.fch.data(), a.fch_gelu.data(), a.ln2.data(), w.fc_w,
+                                   w.fc_b, N, C, F);
       backend_.linear_forward(a.ffn_out.data(), a.fch_gelu.data(), w.proj_w,
                               adds_bias ? w.proj_b : nullptr, N, F, C);
       if (tp_ > 1) groups_.tp.allreduce_sum(a.ffn_out.data(), static_cast<size_t>(N) * C);
@@ -164,12 +163,8 @@ void GptModel::backward(const LossScales& scales,
     dln_.zero();
     const int s = switch_index_of_layer_[l];
     if (s < 0) {
-      dfch_gelu_.zero();
-      backend_.linear_backward(dfch_gelu_.data(), g.proj_w, g.proj_b, dres_.data(),
-                               a.fch_gelu.data(), w.proj_w, N, F, C);
-      dfch_.zero();
-      backend_.gelu_backward(dfch_.data(), a.fch.data(), dfch_gelu_.data(),
-                             static_cast<size_t>(N) * F);
+      backend_.gelu_linear_backward(dfch_.data(), g.proj_w, g.proj_b, dres_.data(),
+                                    a.fch_gelu.data(), w.proj_w, a.fch.data(), N, F, C);
       backend_.linear_backward(dln_.data(), g.fc_w, g.fc_b, dfch_.data(), a.ln2.data(), w.fc_w,
                                N, C, F);
       if (tp_ > 1) groups_.tp.allreduce_sum(dln_.data(), NC);  // each rank saw F' of F

@@ -126,8 +126,7 @@ class GptModel {
   Buffer<float> dln_;         // (B, T, C)
   Buffer<float> datty_;       // (B, T, C')
   Buffer<float> dqkv_;        // (B, T, 3C')
-  Buffer<float> dfch_gelu_;   // (B, T, F')
-  Buffer<float> dfch_;        // (B, T, F')
+  Buffer<float> dfch_;        // (B, T, F') d(fch), written by gelu_linear_backward
 };
 
 }  // namespace moe

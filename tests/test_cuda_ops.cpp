@@ -243,6 +243,12 @@ struct GroupedLinearTensors {
   std::vector<float> dx;   // (buffer_rows,IC) +=
   std::vector<float> dw;   // (E,OC,IC)        +=
   std::vector<float> db;   // (E,OC)           += (untouched without bias)
+  // The GELU variants: grouped_linear_gelu_forward's pre and out (initial contents: out), and
+  // gelu_grouped_linear_backward's dpre (initial contents: dx), dweight and dbias (initial
+  // contents: dw, db) with x as GELU's input and act.
+  std::vector<float> gelu_pre, gelu_out;  // (buffer_rows,OC)
+  std::vector<float> dpre;                // (buffer_rows,IC) written
+  std::vector<float> gelu_dw, gelu_db;    // (E,OC,IC), (E,OC) +=
 };
 
 GroupedLinearTensors run_grouped_linear(Backend& backend, const GroupedLinearCase& c,
@@ -266,12 +272,26 @@ GroupedLinearTensors run_grouped_linear(Backend& backend, const GroupedLinearCas
   float* gb = c.with_bias ? up(b) : nullptr;
   float* gdb = c.with_bias ? up(t.db) : nullptr;
   backend.grouped_linear_forward(gout, gx, gw, gb, c.offsets.data(), c.E, c.IC, c.OC);
+  float *gpre = up(t.out), *gact = up(t.out), *gdpre = up(t.dx), *ggelu_dw = up(t.dw);
+  float* ggelu_db = c.with_bias ? up(t.db) : nullptr;
   backend.grouped_linear_backward(gdx, gdw, gdb, gdout, gx, gw, c.offsets.data(), c.E, c.IC,
                                   c.OC);
+  backend.grouped_linear_gelu_forward(gpre, gact, gx, gw, gb, c.offsets.data(), c.E, c.IC, c.OC);
+  backend.gelu_grouped_linear_backward(gdpre, ggelu_dw, ggelu_db, gdout, gx, gw, gx,
+                                       c.offsets.data(), c.E, c.IC, c.OC);
   down(t.out, gout);
   down(t.dx, gdx);
   down(t.dw, gdw);
   if (c.with_bias) down(t.db, gdb);
+  t.gelu_pre = t.gelu_out = t.out;
+  t.dpre = t.dx;
+  t.gelu_dw = t.dw;
+  t.gelu_db = t.db;
+  down(t.gelu_pre, gpre);
+  down(t.gelu_out, gact);
+  down(t.dpre, gdpre);
+  down(t.gelu_dw, ggelu_dw);
+  if (c.with_bias) down(t.gelu_db, ggelu_db);
   for (void* p : owned) backend.free_bytes(p);
   return t;
 }
@@ -311,8 +331,8 @@ class StderrNotes {
   std::string notes_;
 };
 
-// The grouped linear against the CPU, with the grouped cuBLAS GEMM (the default) and with the
-// per-expert loop (MOE_GROUPED_GEMM=0, read when a backend is created), and the two against
+// The grouped linear (and its GELU variants) against the CPU, with the grouped cuBLAS GEMM (the
+// default) and with the per-expert loop (MOE_GROUPED_GEMM=0, read when a backend is created), and the two against
 // each other. The cases: empty experts (equal neighbouring offsets, at the start and the end
 // too); rows before offsets[0] and after offsets[E], which must stay as they were; no bias;
 // and rows that are not whole 16-byte multiples in bf16, which the grouped call must decline
@@ -331,8 +351,11 @@ TEST_F(CudaOps, GroupedLinear) {
     const size_t rows = c.buffer_rows, weights = static_cast<size_t>(c.E) * c.OC * c.IC;
     const std::vector<float> x = random(rows * c.IC), w = random(weights, -0.1, 0.1),
                              b = random(c.E * c.OC), dout = random(rows * c.OC);
-    const GroupedLinearTensors initial{random(rows * c.OC), random(rows * c.IC),
-                                       random(weights), random(c.E * c.OC)};
+    GroupedLinearTensors initial;
+    initial.out = random(rows * c.OC);
+    initial.dx = random(rows * c.IC);
+    initial.dw = random(weights);
+    initial.db = random(c.E * c.OC);
     const GroupedLinearTensors want = run_grouped_linear(cpu(), c, x, w, b, dout, initial);
     const GroupedLinearTensors with_grouped =
         run_grouped_linear(*grouped, c, x, w, b, dout, initial);
@@ -346,6 +369,13 @@ TEST_F(CudaOps, GroupedLinear) {
       expect_match("grouped_linear_backward dinp" + tag, got->dx, want.dx, kBf16);
       expect_match("grouped_linear_backward dweight" + tag, got->dw, want.dw, kBf16);
       expect_match("grouped_linear_backward dbias" + tag, got->db, want.db, {1e-4, 1e-4, 0});
+      expect_match("grouped_linear_gelu_forward pre" + tag, got->gelu_pre, want.gelu_pre, kBf16);
+      expect_match("grouped_linear_gelu_forward out" + tag, got->gelu_out, want.gelu_out, kBf16);
+      expect_match("gelu_grouped_linear_backward dpre" + tag, got->dpre, want.dpre, kBf16);
+      expect_match("gelu_grouped_linear_backward dweight" + tag, got->gelu_dw, want.gelu_dw,
+                   kBf16);
+      expect_match("gelu_grouped_linear_backward dbias" + tag, got->gelu_db, want.gelu_db,
+                   {1e-4, 1e-4, 0});
     }
     expect_match("grouped_linear_forward" + c.name + " grouped vs per-expert", with_grouped.out,
                  with_loop.out, kBf16);
@@ -369,6 +399,70 @@ TEST_F(CudaOps, Gelu) {
   cpu().gelu_backward(dx.data(), x.data(), dout.data(), n);
   gpu().gelu_backward(gdx, gx, up(dout), n);
   expect_match("gelu_backward", down(gdx, n), dx, kFp32);
+}
+
+// c_fc + GELU and c_proj's backward through the GELU, with the GELU in cuBLASLt's
+// epilogue (the default) and unfused (MOE_FUSED_GELU=0), both against the CPU. The shapes:
+// epilogue-eligible (bf16, leading dimensions multiples of 8), OC not a multiple of 8 (the
+// forward must fall back), no bias, and a narrow fp32 layer (OC <= 128). dpre starts as
+// garbage: the backward writes it.
+TEST_F(CudaOps, LinearGelu) {
+  struct Case {
+    const char* name;
+    int N, IC, OC, OC2;  // c_fc (OC,IC), c_proj (OC2,OC)
+    bool with_bias;
+  };
+  const Case cases[] = {{"", 257, 192, 320, 200, true},
+                        {" OC%8!=0", 100, 64, 300, 136, true},
+                        {" no bias", 64, 128, 256, 192, false},
+                        {" narrow fp32", 50, 96, 64, 40, true}};
+  std::unique_ptr<Backend> fused = backend_with_env("MOE_FUSED_GELU", nullptr);
+  std::unique_ptr<Backend> unfused = backend_with_env("MOE_FUSED_GELU", "0");
+  for (const Case& c : cases) {
+    const std::vector<float> x = random(c.N * c.IC), w = random(c.OC * c.IC, -0.1, 0.1),
+                             b = random(c.OC), w2 = random(c.OC2 * c.OC, -0.1, 0.1),
+                             dout = random(c.N * c.OC2);
+    const std::vector<float> dw2_0 = random(c.OC2 * c.OC), db2_0 = random(c.OC2);
+    std::vector<float> pre(c.N * c.OC), out(c.N * c.OC), dpre(c.N * c.OC), dw2 = dw2_0,
+                       db2 = db2_0;
+    const float* bias = c.with_bias ? b.data() : nullptr;
+    cpu().linear_gelu_forward(pre.data(), out.data(), x.data(), w.data(), bias, c.N, c.IC, c.OC);
+    cpu().gelu_linear_backward(dpre.data(), dw2.data(), db2.data(), dout.data(), out.data(),
+                               w2.data(), pre.data(), c.N, c.OC, c.OC2);
+    const Tolerance tol = c.OC > 128 ? kBf16 : Tolerance{1e-4, 1e-4, 0};
+    for (const auto& [path, backend] :
+         {std::pair<std::string, Backend*>{" fused", fused.get()}, {" unfused", unfused.get()}}) {
+      std::vector<void*> owned;
+      auto dev = [&](const std::vector<float>& host) {
+        auto* p = static_cast<float*>(backend->alloc_bytes(host.size() * sizeof(float)));
+        owned.push_back(p);
+        backend->copy_from_host(p, host.data(), host.size() * sizeof(float));
+        return p;
+      };
+      auto host = [&](const float* p, size_t n) {
+        std::vector<float> h(n);
+        backend->copy_to_host(h.data(), p, n * sizeof(float));
+        return h;
+      };
+      float *gpre = dev(random(pre.size())), *gout = dev(random(out.size())),
+            *gdpre = dev(random(dpre.size(), 50, 60));
+      backend->linear_gelu_forward(gpre, gout, dev(x), dev(w), c.with_bias ? dev(b) : nullptr,
+                                   c.N, c.IC, c.OC);
+      const std::string tag = std::string(c.name) + path;
+      expect_match("linear_gelu_forward pre" + tag, host(gpre, pre.size()), pre, tol);
+      expect_match("linear_gelu_forward out" + tag, host(gout, out.size()), out, tol);
+      // The backward reads the CPU's pre and act, so only its own rounding is measured.
+      float *gdw2 = dev(dw2_0), *gdb2 = dev(db2_0);
+      backend->gelu_linear_backward(gdpre, gdw2, gdb2, dev(dout), dev(out), dev(w2), dev(pre),
+                                    c.N, c.OC, c.OC2);
+      const Tolerance tol2 = c.OC2 > 128 ? kBf16 : Tolerance{1e-4, 1e-4, 0};
+      expect_match("gelu_linear_backward dpre" + tag, host(gdpre, dpre.size()), dpre, tol2);
+      expect_match("gelu_linear_backward dweight" + tag, host(gdw2, dw2.size()), dw2, tol2);
+      expect_match("gelu_linear_backward dbias" + tag, host(gdb2, db2.size()), db2,
+                   {1e-4, 1e-4, 0});
+      for (void* p : owned) backend->free_bytes(p);
+    }
+  }
 }
 
 // The fused kernels work on 64-row tiles with the head dim padded to 16, 32, 64 or 128: the

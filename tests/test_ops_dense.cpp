@@ -365,6 +365,52 @@ TEST_F(DenseOps, GeluBackwardMatchesFiniteDifferences) {
                            kFdAbs, kFdRel));
 }
 
+// ---- linear + GELU (the dense FFN's c_fc, and c_proj's input gradient through the GELU) ---
+
+TEST_F(DenseOps, LinearGeluForwardMatchesReference) {
+  const int N = 37, IC = 70, OC = 45;
+  std::vector<float> inp = random(N * IC), weight = random(OC * IC), bias = random(OC);
+  std::vector<float> pre(N * OC, 123.0f), out(N * OC, 123.0f);  // both overwritten
+  be->linear_gelu_forward(pre.data(), out.data(), inp.data(), weight.data(), bias.data(), N, IC,
+                          OC);
+  const std::vector<double> want_pre = linear_reference(inp, weight, bias.data(), N, IC, OC);
+  std::vector<double> want_out(want_pre.size());
+  for (size_t i = 0; i < want_pre.size(); i++) want_out[i] = gelu_reference(want_pre[i]);
+  EXPECT_TRUE(expect_close("linear_gelu pre", pre, want_pre, kRefAbs, kRefRel));
+  EXPECT_TRUE(expect_close("linear_gelu out", out, want_out, kRefAbs, kRefRel));
+}
+
+// y = gelu(pre) @ W^T + b: dpre, dweight and dbias against finite differences of
+// sum(dout * y). dpre starts as garbage (the op writes it); dweight and dbias start random
+// (the op adds to them).
+TEST_F(DenseOps, GeluLinearBackwardMatchesFiniteDifferences) {
+  const int N = 9, IC = 12, OC = 7;
+  std::vector<float> pre = random(N * IC, -3.0f, 3.0f), weight = random(OC * IC),
+                     bias = random(OC);
+  std::vector<float> dout = random(N * OC), act(N * IC), y(N * OC);
+  auto loss = [&](const std::vector<float>&) {
+    be->gelu_forward(act.data(), pre.data(), act.size());
+    be->linear_forward(y.data(), act.data(), weight.data(), bias.data(), N, IC, OC);
+    return dot(dout, y);
+  };
+  loss(pre);  // act = gelu(pre), the op's input
+  std::vector<float> dpre = random(N * IC, 50.0f, 60.0f);
+  const std::vector<float> dweight0 = random(OC * IC), dbias0 = random(OC);
+  std::vector<float> dweight = dweight0, dbias = dbias0;
+  be->gelu_linear_backward(dpre.data(), dweight.data(), dbias.data(), dout.data(), act.data(),
+                           weight.data(), pre.data(), N, IC, OC);
+  EXPECT_TRUE(expect_close("gelu_linear dpre", dpre, finite_differences(loss, pre), kFdAbs,
+                           kFdRel));
+  EXPECT_TRUE(expect_close("gelu_linear dweight", accumulated(dweight, dweight0),
+                           finite_differences(loss, weight), kFdAbs, kFdRel));
+  EXPECT_TRUE(expect_close("gelu_linear dbias", accumulated(dbias, dbias0),
+                           finite_differences(loss, bias), kFdAbs, kFdRel));
+  be->gelu_linear_backward(dpre.data(), dweight.data(), nullptr, dout.data(), act.data(),
+                           weight.data(), pre.data(), N, IC, 0);
+  EXPECT_TRUE(expect_close("gelu_linear dpre (no outputs)", dpre,
+                           std::vector<double>(N * IC, 0.0), 0.0, 0.0));
+}
+
 // ---- attention ---------------------------------------------------------------------------
 
 // The model's attention written out in double: causal softmax of q k^T / sqrt(hd), then att v;

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <functional>
 #include <memory>
+#include <numbers>
 #include <numeric>
 #include <random>
 #include <string>
@@ -188,6 +189,97 @@ TEST(RouterOps, GroupedLinearGradients) {
                               E, IC, OC);
   expect_close("grouped_linear dweight (no dinp/dbias)", to_double(dw_only.download()),
                to_double(dw.h), 0.0, 0.0);
+}
+
+// The experts' c_fc + GELU and c_proj's input gradient through the GELU. The expert rows
+// start at row 2 of a 13-row buffer: rows outside [offsets[0], offsets[E]) must keep their
+// contents bit for bit.
+struct GroupedGeluProblem {
+  static constexpr int E = 3, IC = 5, OC = 6, kBufferRows = 13;
+  std::vector<int> offsets{2, 6, 6, 11};  // expert 1 receives no rows
+};
+
+double gelu_ref(double x) {
+  return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / std::numbers::pi) * (x + 0.044715 * x * x * x)));
+}
+
+// Rows of `got` outside [first, last) against `before`, exactly.
+void expect_rows_untouched(const std::string& what, const std::vector<float>& got,
+                           const std::vector<float>& before, int first, int last, int width) {
+  for (size_t i = 0; i < got.size(); i++) {
+    const int row = static_cast<int>(i / width);
+    if (row < first || row >= last) {
+      EXPECT_EQ(got[i], before[i]) << what << " row " << row;
+    }
+  }
+}
+
+TEST(RouterOps, GroupedLinearGeluForwardMatchesReference) {
+  auto be = make_cpu_backend();
+  GroupedGeluProblem P;
+  const int E = P.E, IC = P.IC, OC = P.OC, rows = P.kBufferRows;
+  Buf<float> inp(*be, random_vec((size_t)rows * IC, 51, -2.0f, 2.0f));  // (rows,IC)
+  Buf<float> w(*be, random_vec((size_t)E * OC * IC, 52));                // (E,OC,IC)
+  Buf<float> b(*be, random_vec((size_t)E * OC, 53));                     // (E,OC)
+  const std::vector<float> pre0 = random_vec((size_t)rows * OC, 54),
+                           out0 = random_vec((size_t)rows * OC, 55);
+  Buf<float> pre(*be, pre0), out(*be, out0);  // (rows,OC) each
+  be->grouped_linear_gelu_forward(pre.d, out.d, inp.d, w.d, b.d, P.offsets.data(), E, IC, OC);
+  const std::vector<double> want_pre = grouped_linear_ref(inp.h, w.h, &b.h, P.offsets, E, IC, OC);
+  std::vector<double> got_pre, got_out, want_out;
+  pre.download();
+  out.download();
+  for (size_t i = (size_t)P.offsets[0] * OC; i < (size_t)P.offsets[E] * OC; i++) {
+    got_pre.push_back(pre.h[i]);
+    got_out.push_back(out.h[i]);
+    want_out.push_back(gelu_ref(want_pre[i]));
+  }
+  expect_close("grouped_linear_gelu pre",
+               got_pre, {want_pre.begin() + (size_t)P.offsets[0] * OC, want_pre.end()}, 1e-5, 1e-5);
+  expect_close("grouped_linear_gelu out", got_out, want_out, 1e-5, 1e-5);
+  expect_rows_untouched("grouped_linear_gelu pre", pre.h, pre0, P.offsets[0], P.offsets[E], OC);
+  expect_rows_untouched("grouped_linear_gelu out", out.h, out0, P.offsets[0], P.offsets[E], OC);
+}
+
+// y = grouped_linear(gelu(pre)) + b: dpre, dweight and dbias against finite differences of
+// sum(dout * y). dpre starts as garbage (the op writes it) and rows outside the experts' keep
+// theirs; dweight and dbias start random (the op adds to them).
+TEST(RouterOps, GeluGroupedLinearBackwardMatchesFiniteDifferences) {
+  auto be = make_cpu_backend();
+  GroupedGeluProblem P;
+  const int E = P.E, F = P.OC, D = P.IC, rows = P.kBufferRows;  // c_proj: (E, D, F)
+  Buf<float> pre(*be, random_vec((size_t)rows * F, 61, -3.0f, 3.0f));  // (rows,F)
+  Buf<float> w(*be, random_vec((size_t)E * D * F, 62));                // (E,D,F)
+  Buf<float> b(*be, random_vec((size_t)E * D, 65));                    // (E,D)
+  Buf<float> act(*be, (size_t)rows * F), y(*be, (size_t)rows * D);
+  std::vector<float> wout = random_vec((size_t)rows * D, 63);
+  for (int i = 0; i < P.offsets[0] * D; i++) wout[i] = 0.0f;  // rows outside: no loss
+  for (size_t i = (size_t)P.offsets[E] * D; i < wout.size(); i++) wout[i] = 0.0f;
+  Buf<float> dout(*be, wout);  // (rows,D)
+  auto loss = [&] {
+    be->gelu_forward(act.d, pre.d, act.size());
+    be->grouped_linear_forward(y.d, act.d, w.d, b.d, P.offsets.data(), E, F, D);
+    return weighted_sum(wout, y.download());
+  };
+  loss();  // act = gelu(pre), the op's input
+  const std::vector<float> dpre0 = random_vec((size_t)rows * F, 64, 50.0f, 60.0f),
+                           dw0 = random_vec(w.size(), 66), db0 = random_vec(b.size(), 67);
+  Buf<float> dpre(*be, dpre0), dw(*be, dw0), db(*be, db0);
+  be->gelu_grouped_linear_backward(dpre.d, dw.d, db.d, dout.d, act.d, w.d, pre.d,
+                                   P.offsets.data(), E, F, D);
+  dpre.download();
+  const std::vector<double> want = numeric_grad(pre, loss);
+  std::vector<double> got_in, want_in;
+  for (size_t i = (size_t)P.offsets[0] * F; i < (size_t)P.offsets[E] * F; i++) {
+    got_in.push_back(dpre.h[i]);
+    want_in.push_back(want[i]);
+  }
+  expect_close("gelu_grouped_linear dpre", got_in, want_in, kGradAtol, kGradRtol);
+  expect_rows_untouched("gelu_grouped_linear dpre", dpre.h, dpre0, P.offsets[0], P.offsets[E], F);
+  expect_close("gelu_grouped_linear dweight", accumulated(dw.download(), dw0),
+               numeric_grad(w, loss), kGradAtol, kGradRtol);
+  expect_close("gelu_grouped_linear dbias", accumulated(db.download(), db0),
+               numeric_grad(b, loss), kGradAtol, kGradRtol);
 }
 
 // ---- softmax -----------------------------------------------------------------------------

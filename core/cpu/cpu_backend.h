@@ -31,6 +31,10 @@ class CpuBackend final : public Backend {
   void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, int N, int IC, int OC) override;
   void grouped_linear_forward(float* out, const float* inp, const float* weight, const float* bias, const int* offsets_host, int E, int IC, int OC) override;
   void grouped_linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, const int* offsets_host, int E, int IC, int OC) override;
+  void linear_gelu_forward(float* pre, float* out, const float* inp, const float* weight, const float* bias, int N, int IC, int OC) override;
+  void gelu_linear_backward(float* dpre, float* dweight, float* dbias, const float* dout, const float* act, const float* weight, const float* pre, int N, int IC, int OC) override;
+  void grouped_linear_gelu_forward(float* pre, float* out, const float* inp, const float* weight, const float* bias, const int* offsets_host, int E, int IC, int OC) override;
+  void gelu_grouped_linear_backward(float* dpre, float* dweight, float* dbias, const float* dout, const float* act, const float* weight, const float* pre, const int* offsets_host, int E, int IC, int OC) override;
   void gelu_forward(float* out, const float* inp, size_t n) override;
   void gelu_backward(float* dinp, const float* inp, const float* dout, size_t n) override;
   void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH) override;

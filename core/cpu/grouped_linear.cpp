@@ -1,24 +1,16 @@
 // Grouped linear over experts: rows [offsets[e], offsets[e+1]) of inp go through expert e,
 // out = inp_e @ W_e^T + b_e. One oneDNN sgemm per non-empty expert (row-major), so the GEMM
 // is never hand-written; oneDNN threads each GEMM itself, so experts run one after another.
-#include <oneapi/dnnl/dnnl.h>
-
-#include <string>
+// The GELU variants (the experts' c_fc, and c_proj's input gradient through the GELU) are the
+// same products with the GELU pass after them (core/cpu/gelu_math.h).
+#include <algorithm>
 
 #include "core/cpu/cpu_backend.h"
+#include "core/cpu/gelu_math.h"
+#include "core/cpu/sgemm.h"
 #include "core/error.h"
 
 namespace moe {
-
-namespace {
-
-void sgemm(char transa, char transb, int M, int N, int K, float alpha, const float* A, int lda,
-           const float* B, int ldb, float beta, float* C, int ldc) {
-  dnnl_status_t st = dnnl_sgemm(transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  MOE_CHECK(st == dnnl_success, "dnnl_sgemm failed with status " + std::to_string(st));
-}
-
-}  // namespace
 
 void CpuBackend::grouped_linear_forward(float* out,               // (rows,OC)
                                         const float* inp,         // (rows,IC)
@@ -84,6 +76,49 @@ void CpuBackend::grouped_linear_backward(float* dinp,              // (rows,IC) 
       }
     }
   }
+}
+
+void CpuBackend::grouped_linear_gelu_forward(float* pre,               // (rows,OC)
+                                             float* out,               // (rows,OC)
+                                             const float* inp,         // (rows,IC)
+                                             const float* weight,      // (E,OC,IC)
+                                             const float* bias,        // (E,OC) or nullptr
+                                             const int* offsets_host,  // (E+1)
+                                             int E, int IC, int OC) {
+  grouped_linear_forward(pre, inp, weight, bias, offsets_host, E, IC, OC);
+  const size_t first = static_cast<size_t>(offsets_host[0]) * OC,
+               last = static_cast<size_t>(offsets_host[E]) * OC;
+#pragma omp parallel for simd schedule(static)
+  for (size_t i = first; i < last; i++) out[i] = gelu_math::value(pre[i]);
+}
+
+void CpuBackend::gelu_grouped_linear_backward(float* dpre,              // (rows,IC) written
+                                              float* dweight,           // (E,OC,IC) +=
+                                              float* dbias,             // (E,OC)    += or nullptr
+                                              const float* dout,        // (rows,OC)
+                                              const float* act,         // (rows,IC)
+                                              const float* weight,      // (E,OC,IC)
+                                              const float* pre,         // (rows,IC)
+                                              const int* offsets_host,  // (E+1)
+                                              int E, int IC, int OC) {
+  grouped_linear_backward(nullptr, dweight, dbias, dout, act, weight, offsets_host, E, IC, OC);
+  for (int e = 0; e < E; e++) {
+    int r0 = offsets_host[e];
+    int n = offsets_host[e + 1] - r0;
+    if (n == 0 || IC == 0) continue;
+    float* dpre_e = dpre + (size_t)r0 * IC;  // (n,IC)
+    if (OC == 0) {  // no outputs: nothing flows back
+      std::fill(dpre_e, dpre_e + (size_t)n * IC, 0.0f);
+      continue;
+    }
+    // dpre_e (n,IC) = dout_e (n,OC) @ w_e (OC,IC)
+    sgemm('N', 'N', n, IC, OC, 1.0f, dout + (size_t)r0 * OC, OC, weight + (size_t)e * OC * IC, IC,
+          0.0f, dpre_e, IC);
+  }
+  const size_t first = static_cast<size_t>(offsets_host[0]) * IC,
+               last = static_cast<size_t>(offsets_host[E]) * IC;
+#pragma omp parallel for simd schedule(static)
+  for (size_t i = first; i < last; i++) dpre[i] = gelu_math::derivative(pre[i]) * dpre[i];
 }
 
 }  // namespace moe

@@ -1,13 +1,9 @@
 // Linear layer: out = inp @ weight^T + bias, weights [out, in] like torch.nn.Linear.
-// Every product goes through oneDNN's sgemm (row-major, C = alpha*op(A)*op(B) + beta*C),
-// which threads itself over the caller's OpenMP threads.
-#include <oneapi/dnnl/dnnl.h>
-
+// Every product goes through oneDNN's sgemm (core/cpu/sgemm.h).
 #include <algorithm>
-#include <string>
 
 #include "core/cpu/cpu_backend.h"
-#include "core/error.h"
+#include "core/cpu/sgemm.h"
 
 namespace moe {
 
@@ -16,15 +12,6 @@ namespace {
 // dbias sums dout over rows; the columns are split into blocks of this many (two cache lines)
 // so each thread owns its sums, which run in row order: the same for any thread count.
 constexpr int kColumnBlock = 32;
-
-void sgemm(char transa, char transb, int M, int N, int K, float alpha, const float* A, int lda,
-           const float* B, int ldb, float beta, float* C, int ldc) {
-  dnnl_status_t status = dnnl_sgemm(transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  MOE_CHECK(status == dnnl_success,
-            "dnnl_sgemm failed with status " + std::to_string(static_cast<int>(status)) +
-                " (M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" +
-                std::to_string(K) + ")");
-}
 
 }  // namespace
 

@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -51,6 +52,12 @@ inline int grid_for(size_t n, int threads = kThreads) {
 // Linears with at most this many outputs run in fp32 (the router), the rest in bf16.
 constexpr int kFp32MaxOutputs = 128;
 
+// What cuBLASLt does to a product before storing it (beyond alpha, beta):
+//   kBias     + bias per column when bias != nullptr (CUBLASLT_EPILOGUE_BIAS), else nothing
+//   kGeluAux  aux = product (+ bias); C = gelu(aux)         (GELU_AUX[_BIAS], the forward)
+//   kDGelu    C = product * gelu'(aux), aux read             (DGELU, the backward)
+enum class GemmEpilogue { kBias, kGeluAux, kDGelu };
+
 // One cuBLASLt product in column-major terms (cuBLAS's convention):
 //   C (m,n) = alpha * op(A) (m,k) * op(B) (k,n) + beta * C  [+ bias (m) per column]
 // A is stored (k,m) when trans_a else (m,k), column-major with leading dimension lda; B is
@@ -72,6 +79,9 @@ struct GemmCall {
   float alpha = 1.0f, beta = 0.0f;
   const float* bias = nullptr;  // (m) added to every column; nullptr: none
   bool fp32 = false;            // operands are fp32 (router): no bf16 anywhere
+  GemmEpilogue epilogue = GemmEpilogue::kBias;
+  float* aux = nullptr;         // (m,n) column-major, ld ldaux: GELU's input (GELU epilogues)
+  int ldaux = 0;                // a multiple of 8 (cuBLASLt's rule)
 };
 
 class CudaBackend final : public Backend {
@@ -103,6 +113,10 @@ class CudaBackend final : public Backend {
   void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, int N, int IC, int OC) override;
   void grouped_linear_forward(float* out, const float* inp, const float* weight, const float* bias, const int* offsets_host, int E, int IC, int OC) override;
   void grouped_linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, const int* offsets_host, int E, int IC, int OC) override;
+  void linear_gelu_forward(float* pre, float* out, const float* inp, const float* weight, const float* bias, int N, int IC, int OC) override;
+  void gelu_linear_backward(float* dpre, float* dweight, float* dbias, const float* dout, const float* act, const float* weight, const float* pre, int N, int IC, int OC) override;
+  void grouped_linear_gelu_forward(float* pre, float* out, const float* inp, const float* weight, const float* bias, const int* offsets_host, int E, int IC, int OC) override;
+  void gelu_grouped_linear_backward(float* dpre, float* dweight, float* dbias, const float* dout, const float* act, const float* weight, const float* pre, const int* offsets_host, int E, int IC, int OC) override;
   void gelu_forward(float* out, const float* inp, size_t n) override;
   void gelu_backward(float* dinp, const float* inp, const float* dout, size_t n) override;
   void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH) override;
@@ -146,7 +160,23 @@ class CudaBackend final : public Backend {
   const __nv_bfloat16* bf16_weight(const float* w, size_t n);
   // Every op calls this for each device buffer it writes.
   void note_write(const void* ptr);
+  // The product, with its bias in the epilogue where cuBLASLt can, else added by a kernel.
+  // Throws when cuBLASLt has no algorithm even without the bias.
   void gemm(const GemmCall& call);
+  // The product exactly as asked (any epilogue); false, with nothing done, when cuBLASLt has
+  // no algorithm for it (the answer is cached per shape), so the caller takes its fallback.
+  bool try_gemm(const GemmCall& call);
+  // The calls of linear_forward (out (N,OC) = inp @ W^T + bias) and of linear_backward's input
+  // gradient (dinp (N,IC) += dout @ W), shared with the fused linear + GELU (linear_gelu.cu).
+  GemmCall linear_forward_call(float* out, const float* inp, const float* weight,
+                               const float* bias, int N, int IC, int OC);
+  GemmCall linear_dinp_call(float* dinp, const void* dout_operand, const float* weight, int N,
+                            int IC, int OC);
+  // dout as linear_backward's GEMMs read it: itself (fp32, narrow layers) or its bf16 copy.
+  const void* linear_dout_operand(const float* dout, int N, int OC);
+  // linear_backward's dweight (+=) and dbias (+=, may be nullptr), from dout and its operand.
+  void linear_weight_gradients(float* dweight, float* dbias, const float* dout,
+                               const void* dout_operand, const float* inp, int N, int IC, int OC);
   // dbias (OC) += column sums of dout (N,OC).
   void add_column_sums(float* dbias, const float* dout, int N, int OC);
 
@@ -172,7 +202,8 @@ class CudaBackend final : public Backend {
   cublasLtHandle_t lt_ = nullptr;
   void* lt_workspace_ = nullptr;
   size_t lt_workspace_bytes_ = 0;
-  std::map<std::string, cublasLtMatmulAlgo_t> algo_cache_;  // by shape, types and epilogue
+  // By shape, types and epilogue; empty when cuBLASLt has none for the key.
+  std::map<std::string, std::optional<cublasLtMatmulAlgo_t>> algo_cache_;
   std::map<uintptr_t, Allocation> allocations_;              // by base address
   struct ScratchBuffer {
     void* ptr = nullptr;
@@ -181,6 +212,10 @@ class CudaBackend final : public Backend {
   ScratchBuffer scratch_[kNumSlots];
   GroupedGemm grouped_gemm_;  // the experts' products as one cuBLAS call (grouped_linear.cu)
 };
+
+// dpre (n) *= gelu'(pre (n)) on the default stream: the unfused GELU backward after a
+// product wrote dpre (linear_gelu.cu).
+void launch_scale_by_gelu_derivative(float* dpre, const float* pre, size_t n);
 
 // Elementwise fp32 -> bf16 on the default stream: out (n) = bf16(inp (n)).
 void launch_to_bf16(__nv_bfloat16* out, const float* inp, size_t n);

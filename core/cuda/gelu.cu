@@ -1,31 +1,20 @@
-// GELU, tanh form, written as x * sigmoid(2u) with u = sqrt(2/pi) (x + 0.044715 x^3), as the
-// CPU backend computes it (one exp, no cancellation in 1 + tanh(u) for very negative x).
+// GELU, tanh form (core/cuda/gelu_math.cuh), elementwise.
 #include "core/cuda/cuda_backend.h"
+#include "core/cuda/gelu_math.cuh"
 
 namespace moe {
 namespace {
 
-constexpr float kSqrt2OverPi = 0.7978845608028654f;
-constexpr float kCubic = 0.044715f;
-
 __global__ void gelu_forward_kernel(float* out, const float* inp, size_t n) {
   for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    const float x = inp[i];
-    const float u = kSqrt2OverPi * (x + kCubic * x * x * x);
-    out[i] = x / (1.0f + __expf(-2.0f * u));
-  }
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    out[i] = cuda::gelu_value(inp[i]);
 }
 
 __global__ void gelu_backward_kernel(float* dinp, const float* inp, const float* dout, size_t n) {
   for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    const float x = inp[i];
-    const float u = kSqrt2OverPi * (x + kCubic * x * x * x);
-    const float du_dx = kSqrt2OverPi * (1.0f + 3.0f * kCubic * x * x);
-    const float sig = 1.0f / (1.0f + __expf(-2.0f * u));
-    dinp[i] += (sig + x * 2.0f * sig * (1.0f - sig) * du_dx) * dout[i];
-  }
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    dinp[i] += cuda::gelu_derivative(inp[i]) * dout[i];
 }
 
 }  // namespace

@@ -1,6 +1,8 @@
 // Every product of the backend goes through here: cuBLASLt, bf16 (or fp32) operands, fp32
-// accumulation and output, an optional bias epilogue, strided batches. The algorithm is
+// accumulation and output, an optional bias (or bias + GELU, or GELU-gradient) epilogue,
+// strided batches. The algorithm is
 // chosen by cuBLASLt's heuristic once per shape and cached.
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -44,8 +46,7 @@ uint32_t alignment(const void* ptr, long long stride_bytes, int batch) {
 }
 
 // c (n columns of ldc, the first m rows of each) += bias (m): the epilogue's work, for a bias
-// that cuBLASLt's epilogue cannot take (a pointer inside the flat parameter buffer is only
-// 4-byte aligned).
+// that cuBLASLt's epilogue cannot take.
 __global__ void add_bias_kernel(float* c, const float* bias, int m, int n, int ldc) {
   const size_t total = static_cast<size_t>(m) * n;
   for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
@@ -59,19 +60,28 @@ __global__ void add_bias_kernel(float* c, const float* bias, int m, int n, int l
 }  // namespace
 
 void CudaBackend::gemm(const GemmCall& call) {
-  if (call.m == 0 || call.n == 0 || call.batch == 0) return;
+  MOE_CHECK(call.epilogue == GemmEpilogue::kBias, "gemm: GELU epilogues go through try_gemm");
   MOE_CHECK(call.bias == nullptr || call.batch == 1, "gemm: a bias needs a single product");
-  if (call.bias != nullptr && reinterpret_cast<uintptr_t>(call.bias) % 16 != 0) {
-    GemmCall without_bias = call;
-    without_bias.bias = nullptr;
-    gemm(without_bias);
-    add_bias_kernel<<<grid_for(static_cast<size_t>(call.m) * call.n), kThreads>>>(
-        call.c, call.bias, call.m, call.n, call.ldc);
-    CUDA_CHECK_LAUNCH();
-    return;
-  }
-  const GemmCall& g = call;
-  note_write(g.c);
+  const bool bias_fits = call.bias == nullptr || reinterpret_cast<uintptr_t>(call.bias) % 16 == 0;
+  if (bias_fits && try_gemm(call)) return;
+  // No kernel with the bias epilogue for this shape, or a bias the epilogue cannot take (a
+  // pointer inside the flat parameter buffer may be only 4-byte aligned): the product, then
+  // the bias.
+  GemmCall without_bias = call;
+  without_bias.bias = nullptr;
+  if (call.bias == nullptr || !try_gemm(without_bias))
+    throw RuntimeError("cuBLASLt has no algorithm for the GEMM m=" + std::to_string(call.m) +
+                       " n=" + std::to_string(call.n) + " k=" + std::to_string(call.k));
+  add_bias_kernel<<<grid_for(static_cast<size_t>(call.m) * call.n), kThreads>>>(
+      call.c, call.bias, call.m, call.n, call.ldc);
+  CUDA_CHECK_LAUNCH();
+}
+
+bool CudaBackend::try_gemm(const GemmCall& g) {
+  if (g.m == 0 || g.n == 0 || g.batch == 0) return true;
+  const bool gelu = g.epilogue != GemmEpilogue::kBias;
+  MOE_CHECK(!gelu || (g.batch == 1 && g.aux != nullptr && !g.fp32),
+            "gemm: a GELU epilogue needs one bf16 product and its aux matrix");
   const cudaDataType_t operand = g.fp32 ? CUDA_R_32F : CUDA_R_16BF;
   LtDescriptors d;
   CUBLAS_CHECK(cublasLtMatmulDescCreate(&d.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -81,15 +91,27 @@ void CudaBackend::gemm(const GemmCall& call) {
                                               sizeof(op_a)));
   CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_b,
                                               sizeof(op_b)));
+  cublasLtEpilogue_t epilogue = g.bias != nullptr ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+  if (g.epilogue == GemmEpilogue::kGeluAux)
+    epilogue = g.bias != nullptr ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+  if (g.epilogue == GemmEpilogue::kDGelu) epilogue = CUBLASLT_EPILOGUE_DGELU;
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue,
+                                              sizeof(epilogue)));
   if (g.bias != nullptr) {
-    const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue,
-                                                sizeof(epilogue)));
     const cudaDataType_t bias_type = CUDA_R_32F;
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
                                                 &bias_type, sizeof(bias_type)));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias,
                                                 sizeof(g.bias)));
+  }
+  if (gelu) {
+    // The GELU input (pre-activation): written by GELU_AUX, read by DGELU. Its type defaults
+    // to the output's (fp32); the heuristic reads the pointer's alignment.
+    const int64_t ldaux = g.ldaux;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+                                                &g.aux, sizeof(g.aux)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
+                                                &ldaux, sizeof(ldaux)));
   }
   // Stored shapes (column-major): op(A) is (m,k), op(B) is (k,n).
   make_layout(&d.a, operand, g.trans_a ? g.k : g.m, g.trans_a ? g.m : g.k, g.lda, g.batch,
@@ -102,15 +124,15 @@ void CudaBackend::gemm(const GemmCall& call) {
   const uint32_t align_a = alignment(g.a, g.stride_a * operand_bytes, g.batch);
   const uint32_t align_b = alignment(g.b, g.stride_b * operand_bytes, g.batch);
   const uint32_t align_c = alignment(g.c, g.stride_c * 4, g.batch);
-  const std::string key = std::to_string(align_a) + "," + std::to_string(align_b) + "," +
-                          std::to_string(align_c) + "," + std::to_string(g.trans_a) + std::to_string(g.trans_b) + "," +
-                          std::to_string(g.m) + "," + std::to_string(g.n) + "," +
-                          std::to_string(g.k) + "," + std::to_string(g.lda) + "," +
-                          std::to_string(g.ldb) + "," + std::to_string(g.ldc) + "," +
-                          std::to_string(g.batch) + "," + std::to_string(g.stride_a) + "," +
-                          std::to_string(g.stride_b) + "," + std::to_string(g.stride_c) + "," +
-                          (g.bias ? "bias" : "") + (g.fp32 ? "fp32" : "bf16") +
-                          (g.beta != 0.0f ? "acc" : "");
+  const std::string key =
+      std::to_string(align_a) + "," + std::to_string(align_b) + "," + std::to_string(align_c) +
+      "," + std::to_string(g.trans_a) + std::to_string(g.trans_b) + "," + std::to_string(g.m) +
+      "," + std::to_string(g.n) + "," + std::to_string(g.k) + "," + std::to_string(g.lda) + "," +
+      std::to_string(g.ldb) + "," + std::to_string(g.ldc) + "," + std::to_string(g.batch) + "," +
+      std::to_string(g.stride_a) + "," + std::to_string(g.stride_b) + "," +
+      std::to_string(g.stride_c) + "," + std::to_string(static_cast<int>(epilogue)) + "," +
+      (gelu ? std::to_string(alignment(g.aux, 0, 1)) + "," + std::to_string(g.ldaux) : "") +
+      (g.fp32 ? "fp32" : "bf16") + (g.beta != 0.0f ? "acc" : "");
   auto it = algo_cache_.find(key);
   if (it == algo_cache_.end()) {
     cublasLtMatmulPreference_t preference = nullptr;
@@ -132,27 +154,21 @@ void CudaBackend::gemm(const GemmCall& call) {
         lt_, d.op, d.a, d.b, d.c, d.c, preference, 1, &result, &found);
     cublasLtMatmulPreferenceDestroy(preference);
     // cuBLASLt reports "no algorithm for this configuration" as NOT_SUPPORTED, not always as
-    // success with found == 0: both must reach the bias fallback below.
+    // success with found == 0: both mean the caller's fallback. Remembered either way.
     if (status == CUBLAS_STATUS_NOT_SUPPORTED)
       found = 0;
     else
       CUBLAS_CHECK(status);
-    if (found == 0 && g.bias != nullptr) {
-      // No kernel with the bias epilogue for this shape: the product, then the bias.
-      GemmCall without_bias = g;
-      without_bias.bias = nullptr;
-      gemm(without_bias);
-      add_bias_kernel<<<grid_for(static_cast<size_t>(g.m) * g.n), kThreads>>>(g.c, g.bias, g.m,
-                                                                             g.n, g.ldc);
-      CUDA_CHECK_LAUNCH();
-      return;
-    }
-    if (found == 0)
-      throw RuntimeError("cuBLASLt has no algorithm for the GEMM " + key);
-    it = algo_cache_.emplace(key, result.algo).first;
+    std::optional<cublasLtMatmulAlgo_t> algo;
+    if (found > 0) algo = result.algo;
+    it = algo_cache_.emplace(key, algo).first;
   }
+  if (!it->second.has_value()) return false;
+  note_write(g.c);
+  if (g.epilogue == GemmEpilogue::kGeluAux) note_write(g.aux);
   CUBLAS_CHECK(cublasLtMatmul(lt_, d.op, &g.alpha, g.a, d.a, g.b, d.b, &g.beta, g.c, d.c, g.c, d.c,
-                              &it->second, lt_workspace_, lt_workspace_bytes_, 0));
+                              &*it->second, lt_workspace_, lt_workspace_bytes_, 0));
+  return true;
 }
 
 }  // namespace moe

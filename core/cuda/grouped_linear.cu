@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "core/cuda/cuda_backend.h"
+#include "core/cuda/gelu_math.cuh"
 
 namespace moe {
 namespace {
@@ -28,9 +29,11 @@ __device__ int expert_of_row(const int* offsets, int E, int row) {
   return lo;
 }
 
-// out (rows,OC) = float(product (rows,OC)) + bias[e] (OC), e the expert owning each row. Row
-// i here is row offsets[0] + i of the interface's buffers.
+// out (rows,OC) = float(product (rows,OC)) + bias[e] (OC), e the expert owning each row, and
+// with gelu_out also gelu_out = gelu(out): the bias + GELU of the experts' c_fc in the pass
+// that widens the product anyway. Row i here is row offsets[0] + i of the interface's buffers.
 __global__ void expert_output_kernel(float* out,                      // (rows,OC)
+                                     float* gelu_out,                 // (rows,OC) or nullptr
                                      const __nv_bfloat16* product,    // (rows,OC)
                                      const float* bias,               // (E,OC) or nullptr
                                      const int* offsets,              // (E+1), nullptr without bias
@@ -45,6 +48,7 @@ __global__ void expert_output_kernel(float* out,                      // (rows,O
       value += bias[static_cast<size_t>(expert_of_row(offsets, E, row)) * OC + i % OC];
     }
     out[i] = value;
+    if (gelu_out != nullptr) gelu_out[i] = cuda::gelu_value(value);
   }
 }
 
@@ -53,6 +57,14 @@ __global__ void accumulate_bf16_kernel(float* dst, const __nv_bfloat16* src, siz
   const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
   for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
     dst[i] += __bfloat162float(src[i]);
+}
+
+// dpre (n) = float(product (n)) * gelu'(pre (n)): the input gradient through the GELU, written.
+__global__ void gelu_input_gradient_kernel(float* dpre, const __nv_bfloat16* product,
+                                           const float* pre, size_t n) {
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    dpre[i] = __bfloat162float(product[i]) * cuda::gelu_derivative(pre[i]);
 }
 
 void check_offsets(const int* offsets_host, int E, const char* op) {
@@ -114,6 +126,40 @@ void dinp_per_expert(CudaBackend& backend,
   }
 }
 
+// The weight gradient: one cuBLASLt product per expert with an fp32 output and beta 1, so
+// gradients accumulate over micro-batches in fp32 (the grouped call's bf16 output would round
+// each micro-batch's contribution to bf16 first); the bias gradient as column sums.
+void expert_weight_gradients(CudaBackend& backend,
+                             float* dweight,                  // (E,OC,IC) +=
+                             float* dbias,                    // (E,OC)    += or nullptr
+                             const float* dout,               // (rows,OC) absolute rows
+                             const __nv_bfloat16* dout_bf16,  // (rows,OC) from offsets[0]
+                             const __nv_bfloat16* inp_bf16,   // (rows,IC) from offsets[0]
+                             const int* offsets_host,         // (E+1)
+                             int E, int IC, int OC) {
+  const int first = offsets_host[0];
+  for (int e = 0; e < E; ++e) {
+    const int r0 = offsets_host[e], n = offsets_host[e + 1] - r0;
+    if (n == 0) continue;
+    GemmCall g;  // dW_e^T (IC,OC) += inp_e^T (IC,n) * dout_e (n,OC)
+    g.trans_b = true;
+    g.m = IC;
+    g.n = OC;
+    g.k = n;
+    g.a = inp_bf16 + static_cast<size_t>(r0 - first) * IC;  // (n,IC)
+    g.lda = IC;
+    g.b = dout_bf16 + static_cast<size_t>(r0 - first) * OC;  // (n,OC)
+    g.ldb = OC;
+    g.c = dweight + static_cast<size_t>(e) * OC * IC;
+    g.ldc = IC;
+    g.beta = 1.0f;
+    backend.gemm(g);
+    if (dbias != nullptr)
+      backend.add_column_sums(dbias + static_cast<size_t>(e) * OC,
+                              dout + static_cast<size_t>(r0) * OC, n, OC);
+  }
+}
+
 }  // namespace
 
 const __nv_bfloat16* CudaBackend::grouped_expert_products(bool transpose_weight,
@@ -172,7 +218,8 @@ void CudaBackend::grouped_linear_forward(float* out,               // (rows,OC)
     const int* offsets = bias ? upload(kIndexA, offsets_host, E + 1) : nullptr;  // (E+1)
     const size_t total = static_cast<size_t>(rows) * OC;
     expert_output_kernel<<<grid_for(total), kThreads>>>(out + static_cast<size_t>(first) * OC,
-                                                        product, bias, offsets, E, rows, OC);
+                                                        nullptr, product, bias, offsets, E, rows,
+                                                        OC);
     CUDA_CHECK_LAUNCH();
     return;
   }
@@ -210,31 +257,81 @@ void CudaBackend::grouped_linear_backward(float* dinp,               // (rows,IC
     }
   }
 
-  // The weight gradient stays one cuBLASLt product per expert with an fp32 output and beta 1:
-  // gradients accumulate over micro-batches in fp32, and the grouped call's bf16 output would
-  // round each micro-batch's contribution to bf16 first.
-  for (int e = 0; e < E; ++e) {
-    const int r0 = offsets_host[e], n = offsets_host[e + 1] - r0;
-    if (n == 0) continue;
-    const __nv_bfloat16* dout_e = dout_bf16 + static_cast<size_t>(r0 - first) * OC;  // (n,OC)
-    const __nv_bfloat16* inp_e = inp_bf16 + static_cast<size_t>(r0 - first) * IC;    // (n,IC)
-    GemmCall g;  // dW_e^T (IC,OC) += inp_e^T (IC,n) * dout_e (n,OC)
-    g.trans_b = true;
-    g.m = IC;
-    g.n = OC;
-    g.k = n;
-    g.a = inp_e;
-    g.lda = IC;
-    g.b = dout_e;
-    g.ldb = OC;
-    g.c = dweight + static_cast<size_t>(e) * OC * IC;
-    g.ldc = IC;
-    g.beta = 1.0f;
-    gemm(g);
-    if (dbias != nullptr)
-      add_column_sums(dbias + static_cast<size_t>(e) * OC, dout + static_cast<size_t>(r0) * OC, n,
-                      OC);
+  expert_weight_gradients(*this, dweight, dbias, dout, dout_bf16, inp_bf16, offsets_host, E, IC,
+                          OC);
+}
+
+// The experts' c_fc + GELU: with the grouped call, the widening pass adds the bias and applies
+// the GELU too (pre and out in one pass over the product); per expert, the products with
+// their bias epilogue, then the GELU kernel.
+void CudaBackend::grouped_linear_gelu_forward(float* pre,               // (rows,OC)
+                                              float* out,               // (rows,OC)
+                                              const float* inp,         // (rows,IC)
+                                              const float* weight,      // (E,OC,IC)
+                                              const float* bias,        // (E,OC) or nullptr
+                                              const int* offsets_host,  // (E+1)
+                                              int E, int IC, int OC) {
+  check_offsets(offsets_host, E, "grouped_linear_gelu_forward");
+  const int first = offsets_host[0], rows = offsets_host[E] - first;
+  if (rows <= 0 || OC == 0) return;
+  const __nv_bfloat16* inp_bf16 =
+      to_bf16(kBf16Inp, inp + static_cast<size_t>(first) * IC,
+              static_cast<size_t>(rows) * IC);  // (rows,IC) from offsets[0]
+  const __nv_bfloat16* w_bf16 = bf16_weight(weight, static_cast<size_t>(E) * OC * IC);
+  const size_t total = static_cast<size_t>(rows) * OC, at = static_cast<size_t>(first) * OC;
+  if (const __nv_bfloat16* product =
+          grouped_expert_products(/*transpose_weight=*/true, w_bf16, inp_bf16, offsets_host, E,
+                                  IC, OC)) {  // (rows,OC) from offsets[0]
+    note_write(pre);
+    note_write(out);
+    const int* offsets = bias ? upload(kIndexA, offsets_host, E + 1) : nullptr;  // (E+1)
+    expert_output_kernel<<<grid_for(total), kThreads>>>(pre + at, out + at, product, bias,
+                                                        offsets, E, rows, OC);
+    CUDA_CHECK_LAUNCH();
+    return;
   }
+  forward_per_expert(*this, pre, inp_bf16, w_bf16, bias, offsets_host, E, IC, OC);
+  gelu_forward(out + at, pre + at, total);
+}
+
+// c_proj's backward through the GELU: dout is converted once for both products. With the
+// grouped call, one pass turns the bf16 dinp product into dpre = product * gelu'(pre); per
+// expert, a zeroed dpre takes the products, then is scaled by gelu'(pre).
+void CudaBackend::gelu_grouped_linear_backward(float* dpre,              // (rows,IC) written
+                                               float* dweight,           // (E,OC,IC) +=
+                                               float* dbias,             // (E,OC)    += or nullptr
+                                               const float* dout,        // (rows,OC)
+                                               const float* act,         // (rows,IC)
+                                               const float* weight,      // (E,OC,IC)
+                                               const float* pre,         // (rows,IC)
+                                               const int* offsets_host,  // (E+1)
+                                               int E, int IC, int OC) {
+  check_offsets(offsets_host, E, "gelu_grouped_linear_backward");
+  const int first = offsets_host[0], rows = offsets_host[E] - first;
+  if (rows <= 0 || IC == 0) return;
+  const size_t total = static_cast<size_t>(rows) * IC, at = static_cast<size_t>(first) * IC;
+  if (OC == 0) {  // no outputs: nothing flows back
+    fill_zero(dpre + at, sizeof(float) * total);
+    return;
+  }
+  const __nv_bfloat16* dout_bf16 = to_bf16(kBf16Dout, dout + static_cast<size_t>(first) * OC,
+                                           static_cast<size_t>(rows) * OC);  // (rows,OC)
+  const __nv_bfloat16* act_bf16 = to_bf16(kBf16Inp, act + at, total);       // (rows,IC)
+  const __nv_bfloat16* w_bf16 = bf16_weight(weight, static_cast<size_t>(E) * OC * IC);
+  if (const __nv_bfloat16* product =
+          grouped_expert_products(/*transpose_weight=*/false, w_bf16, dout_bf16, offsets_host, E,
+                                  IC, OC)) {  // (rows,IC) from offsets[0]
+    note_write(dpre);
+    gelu_input_gradient_kernel<<<grid_for(total), kThreads>>>(dpre + at, product, pre + at,
+                                                              total);
+    CUDA_CHECK_LAUNCH();
+  } else {
+    fill_zero(dpre + at, sizeof(float) * total);
+    dinp_per_expert(*this, dpre, dout_bf16, w_bf16, offsets_host, E, IC, OC);
+    launch_scale_by_gelu_derivative(dpre + at, pre + at, total);
+  }
+  expert_weight_gradients(*this, dweight, dbias, dout, dout_bf16, act_bf16, offsets_host, E, IC,
+                          OC);
 }
 
 }  // namespace moe

@@ -37,12 +37,11 @@ void CudaBackend::add_column_sums(float* dbias, const float* dout, int N, int OC
   CUDA_CHECK_LAUNCH();
 }
 
-void CudaBackend::linear_forward(float* out,           // (N,OC)
-                                 const float* inp,     // (N,IC)
-                                 const float* weight,  // (OC,IC)
-                                 const float* bias,    // (OC) or nullptr
-                                 int N, int IC, int OC) {
-  if (N == 0 || OC == 0) return;
+GemmCall CudaBackend::linear_forward_call(float* out,           // (N,OC)
+                                          const float* inp,     // (N,IC)
+                                          const float* weight,  // (OC,IC)
+                                          const float* bias,    // (OC) or nullptr
+                                          int N, int IC, int OC) {
   GemmCall g;
   g.fp32 = OC <= kFp32MaxOutputs;
   g.trans_a = true;
@@ -57,7 +56,38 @@ void CudaBackend::linear_forward(float* out,           // (N,OC)
   g.c = out;
   g.ldc = OC;
   g.bias = bias;
-  gemm(g);
+  return g;
+}
+
+// dinp (N,IC) += dout (N,OC) @ W (OC,IC):  dinp^T (IC,N) = W^T (IC,OC) * dout^T (OC,N).
+// dout_operand is dout as the GEMM reads it: fp32 for narrow layers, else its bf16 copy.
+GemmCall CudaBackend::linear_dinp_call(float* dinp,                // (N,IC)
+                                       const void* dout_operand,   // (N,OC)
+                                       const float* weight,        // (OC,IC)
+                                       int N, int IC, int OC) {
+  GemmCall g;
+  g.fp32 = OC <= kFp32MaxOutputs;
+  g.m = IC;
+  g.n = N;
+  g.k = OC;
+  g.a = g.fp32 ? static_cast<const void*>(weight)
+               : bf16_weight(weight, static_cast<size_t>(OC) * IC);
+  g.lda = IC;
+  g.b = dout_operand;
+  g.ldb = OC;
+  g.c = dinp;
+  g.ldc = IC;
+  g.beta = 1.0f;
+  return g;
+}
+
+void CudaBackend::linear_forward(float* out,           // (N,OC)
+                                 const float* inp,     // (N,IC)
+                                 const float* weight,  // (OC,IC)
+                                 const float* bias,    // (OC) or nullptr
+                                 int N, int IC, int OC) {
+  if (N == 0 || OC == 0) return;
+  gemm(linear_forward_call(out, inp, weight, bias, N, IC, OC));
 }
 
 void CudaBackend::linear_backward(float* dinp,          // (N,IC)  += or nullptr
@@ -68,26 +98,23 @@ void CudaBackend::linear_backward(float* dinp,          // (N,IC)  += or nullptr
                                   const float* weight,  // (OC,IC)
                                   int N, int IC, int OC) {
   if (N == 0 || OC == 0 || IC == 0) return;
+  const void* dout_op = linear_dout_operand(dout, N, OC);  // (N,OC)
+  if (dinp != nullptr) gemm(linear_dinp_call(dinp, dout_op, weight, N, IC, OC));
+  linear_weight_gradients(dweight, dbias, dout, dout_op, inp, N, IC, OC);
+}
+
+const void* CudaBackend::linear_dout_operand(const float* dout, int N, int OC) {
+  if (OC <= kFp32MaxOutputs) return dout;
+  return to_bf16(kBf16Dout, dout, static_cast<size_t>(N) * OC);
+}
+
+void CudaBackend::linear_weight_gradients(float* dweight,            // (OC,IC) +=
+                                          float* dbias,              // (OC)    += or nullptr
+                                          const float* dout,         // (N,OC)
+                                          const void* dout_operand,  // (N,OC)
+                                          const float* inp,          // (N,IC)
+                                          int N, int IC, int OC) {
   const bool fp32 = OC <= kFp32MaxOutputs;
-  const void* dout_op = fp32 ? static_cast<const void*>(dout)
-                             : to_bf16(kBf16Dout, dout, static_cast<size_t>(N) * OC);  // (N,OC)
-  if (dinp != nullptr) {
-    // dinp (N,IC) += dout (N,OC) @ W (OC,IC):  dinp^T (IC,N) = W^T (IC,OC) * dout^T (OC,N)
-    GemmCall g;
-    g.fp32 = fp32;
-    g.m = IC;
-    g.n = N;
-    g.k = OC;
-    g.a = fp32 ? static_cast<const void*>(weight)
-               : bf16_weight(weight, static_cast<size_t>(OC) * IC);
-    g.lda = IC;
-    g.b = dout_op;
-    g.ldb = OC;
-    g.c = dinp;
-    g.ldc = IC;
-    g.beta = 1.0f;
-    gemm(g);
-  }
   // dW (OC,IC) += dout^T (OC,N) @ inp (N,IC):  dW^T (IC,OC) = inp^T (IC,N) * dout (N,OC)
   GemmCall g;
   g.fp32 = fp32;
@@ -97,7 +124,7 @@ void CudaBackend::linear_backward(float* dinp,          // (N,IC)  += or nullptr
   g.k = N;
   g.a = fp32 ? static_cast<const void*>(inp) : to_bf16(kBf16Inp, inp, static_cast<size_t>(N) * IC);
   g.lda = IC;
-  g.b = dout_op;
+  g.b = dout_operand;
   g.ldb = OC;
   g.c = dweight;
   g.ldc = IC;

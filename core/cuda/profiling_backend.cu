@@ -111,6 +111,22 @@ class ProfilingBackend final : public Backend {
     const OpTimer timer(*this, "grouped_linear_backward");
     inner_->grouped_linear_backward(dinp, dweight, dbias, dout, inp, weight, offsets_host, E, IC, OC);
   }
+  void linear_gelu_forward(float* pre, float* out, const float* inp, const float* weight, const float* bias, int N, int IC, int OC) override {
+    const OpTimer timer(*this, "linear_gelu_forward");
+    inner_->linear_gelu_forward(pre, out, inp, weight, bias, N, IC, OC);
+  }
+  void gelu_linear_backward(float* dpre, float* dweight, float* dbias, const float* dout, const float* act, const float* weight, const float* pre, int N, int IC, int OC) override {
+    const OpTimer timer(*this, "gelu_linear_backward");
+    inner_->gelu_linear_backward(dpre, dweight, dbias, dout, act, weight, pre, N, IC, OC);
+  }
+  void grouped_linear_gelu_forward(float* pre, float* out, const float* inp, const float* weight, const float* bias, const int* offsets_host, int E, int IC, int OC) override {
+    const OpTimer timer(*this, "grouped_linear_gelu_forward");
+    inner_->grouped_linear_gelu_forward(pre, out, inp, weight, bias, offsets_host, E, IC, OC);
+  }
+  void gelu_grouped_linear_backward(float* dpre, float* dweight, float* dbias, const float* dout, const float* act, const float* weight, const float* pre, const int* offsets_host, int E, int IC, int OC) override {
+    const OpTimer timer(*this, "gelu_grouped_linear_backward");
+    inner_->gelu_grouped_linear_backward(dpre, dweight, dbias, dout, act, weight, pre, offsets_host, E, IC, OC);
+  }
   void gelu_forward(float* out, const float* inp, size_t n) override {
     const OpTimer timer(*this, "gelu_forward");
     inner_->gelu_forward(out, inp, n);

@@ -1,0 +1,95 @@
+// The dense FFN's c_fc + GELU (core/backend.h) with the GELU in cuBLASLt's epilogue:
+//   forward   GELU_AUX_BIAS: one GEMM stores pre = inp @ W^T + bias (the aux matrix) and
+//             out = gelu(pre), instead of a bias epilogue, then a GELU kernel re-reading pre;
+//   backward  DGELU: c_proj's input-gradient GEMM stores dpre = (dout @ W) * gelu'(pre)
+//             straight away, instead of writing dout @ W, then a GELU-backward kernel reading
+//             it and pre and accumulating into a zeroed dpre; c_proj's weight gradients share
+//             dout's bf16 copy with it.
+// cuBLASLt's GELU is the tanh form, as DESIGN.md's. Where cuBLASLt has no kernel for the
+// fused epilogue (or its rules exclude the call: the aux leading dimension must be a multiple
+// of 8, a bias 16-byte aligned, the operands bf16), the op runs unfused: the product, then the
+// GELU kernel of core/cuda/gelu_math.cuh. MOE_FUSED_GELU=0 forces that path (a comparison
+// switch for benchmarks).
+#include <cstdlib>
+#include <cstring>
+
+#include "core/cuda/cuda_backend.h"
+#include "core/cuda/gelu_math.cuh"
+
+namespace moe {
+namespace {
+
+bool fusion_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("MOE_FUSED_GELU");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+  }();
+  return enabled;
+}
+
+__global__ void scale_by_gelu_derivative_kernel(float* dpre, const float* pre, size_t n) {
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    dpre[i] = cuda::gelu_derivative(pre[i]) * dpre[i];
+}
+
+}  // namespace
+
+void launch_scale_by_gelu_derivative(float* dpre, const float* pre, size_t n) {
+  if (n == 0) return;
+  scale_by_gelu_derivative_kernel<<<grid_for(n), kThreads>>>(dpre, pre, n);
+  CUDA_CHECK_LAUNCH();
+}
+
+void CudaBackend::linear_gelu_forward(float* pre,           // (N,OC)
+                                      float* out,           // (N,OC)
+                                      const float* inp,     // (N,IC)
+                                      const float* weight,  // (OC,IC)
+                                      const float* bias,    // (OC) or nullptr
+                                      int N, int IC, int OC) {
+  if (N == 0 || OC == 0) return;
+  GemmCall g = linear_forward_call(out, inp, weight, bias, N, IC, OC);
+  const bool bias_fits = bias == nullptr || reinterpret_cast<uintptr_t>(bias) % 16 == 0;
+  if (fusion_enabled() && !g.fp32 && OC % 8 == 0 && bias_fits) {
+    g.epilogue = GemmEpilogue::kGeluAux;
+    g.aux = pre;
+    g.ldaux = OC;
+    if (try_gemm(g)) return;
+  }
+  linear_forward(pre, inp, weight, bias, N, IC, OC);
+  gelu_forward(out, pre, static_cast<size_t>(N) * OC);
+}
+
+void CudaBackend::gelu_linear_backward(float* dpre,          // (N,IC) written
+                                       float* dweight,       // (OC,IC) +=
+                                       float* dbias,         // (OC)    += or nullptr
+                                       const float* dout,    // (N,OC)
+                                       const float* act,     // (N,IC)
+                                       const float* weight,  // (OC,IC)
+                                       const float* pre,     // (N,IC)
+                                       int N, int IC, int OC) {
+  if (N == 0 || IC == 0) return;
+  const size_t n = static_cast<size_t>(N) * IC;
+  if (OC == 0) {  // no outputs: nothing flows back
+    fill_zero(dpre, sizeof(float) * n);
+    return;
+  }
+  const void* dout_op = linear_dout_operand(dout, N, OC);  // (N,OC), converted once for both
+  GemmCall g = linear_dinp_call(dpre, dout_op, weight, N, IC, OC);
+  g.beta = 0.0f;  // written, not accumulated
+  bool fused = false;
+  if (fusion_enabled() && !g.fp32 && IC % 8 == 0) {
+    GemmCall with_dgelu = g;
+    with_dgelu.epilogue = GemmEpilogue::kDGelu;
+    with_dgelu.aux = const_cast<float*>(pre);  // read only: DGELU's input
+    with_dgelu.ldaux = IC;
+    fused = try_gemm(with_dgelu);
+  }
+  if (!fused) {
+    gemm(g);
+    launch_scale_by_gelu_derivative(dpre, pre, n);
+  }
+  linear_weight_gradients(dweight, dbias, dout, dout_op, act, N, IC, OC);
+}
+
+}  // namespace moe
