@@ -11,8 +11,9 @@
 #   4. runs bench_step --device cuda on a Switch-Base-like shape (12 layers, hidden 768, 12
 #      heads, ffn 3072, 8 experts every other layer, seq 1024, batch 8): tokens/s and MFU
 #      against the bf16 cuBLASLt GEMM rate measured in the same run, then again with
-#      MOE_GROUPED_GEMM=0 (experts one product each) to show what the grouped GEMM buys, and
-#      once with MOE_CUDA_PROFILE=1 for the GPU time of every backend op;
+#      MOE_GROUPED_GEMM=0 (experts one product each) to show what the grouped GEMM buys, with
+#      MOE_FUSED_GELU=0 (GELU as a separate kernel) for what the fused epilogue buys, and once
+#      with MOE_CUDA_PROFILE=1 for the GPU time of every backend op;
 #   5. runs benchmarks/torch_gpu_baseline.py (PyTorch eager, same model, same GPU);
 #   6. prints a summary and the acceptance checks (all tests pass, MFU >= 0.40, tokens/s >=
 #      1.5 x PyTorch eager); exit status 0 only when all hold.
@@ -148,6 +149,12 @@ MOE_GROUPED_GEMM=0 timeout 300 "$build/benchmarks/bench_step" --device cuda "${s
   --max-position-embeddings 1024 --global-batch-size "$micro" --iters "$iters" --warmup "$warmup" \
   --threads 4 --json > "$build/bench_step_per_expert.log" 2>&1 || echo "gpu_check: bench_step (per expert) FAILED"
 keep "$build/bench_step_per_expert.log"
+# And with the GELU unfused (a product, then a GELU kernel): what the cuBLASLt epilogue buys.
+log "bench_step --device cuda, MOE_FUSED_GELU=0"
+MOE_FUSED_GELU=0 timeout 300 "$build/benchmarks/bench_step" --device cuda "${shape[@]}" \
+  --max-position-embeddings 1024 --global-batch-size "$micro" --iters "$iters" --warmup "$warmup" \
+  --threads 4 --json > "$build/bench_step_unfused_gelu.log" 2>&1 || echo "gpu_check: bench_step (unfused GELU) FAILED"
+keep "$build/bench_step_unfused_gelu.log"
 # Where the GPU time goes, per op of the backend (CUDA events; no profiler needed on the machine).
 log "bench_step --device cuda, MOE_CUDA_PROFILE=1"
 MOE_CUDA_PROFILE=1 timeout 300 "$build/benchmarks/bench_step" --device cuda "${shape[@]}" \
@@ -163,7 +170,8 @@ timeout 300 "$python" benchmarks/torch_gpu_baseline.py "${shape[@]}" --iters "$i
 keep "$build/torch_gpu_baseline.log"
 
 # ---- 6. summary ---------------------------------------------------------------------------
-"$python" - "$build/bench_step.log" "$build/torch_gpu_baseline.log" "$tests_ok" "$build/bench_step_per_expert.log" <<'EOF'
+"$python" - "$build/bench_step.log" "$build/torch_gpu_baseline.log" "$tests_ok" "$build/bench_step_per_expert.log" \
+  "$build/bench_step_unfused_gelu.log" <<'EOF'
 import json, sys
 def last_json(path):
     try:
@@ -186,6 +194,10 @@ if ours:
     if per_expert:
         print("  experts one product each (MOE_GROUPED_GEMM=0): %.0f tokens/s; grouped/per-expert %.2fx"
               % (per_expert["tokens_per_sec"], ours["tokens_per_sec"] / per_expert["tokens_per_sec"]))
+    unfused = last_json(sys.argv[5])
+    if unfused:
+        print("  GELU unfused (MOE_FUSED_GELU=0): %.0f tokens/s; fused/unfused %.2fx"
+              % (unfused["tokens_per_sec"], ours["tokens_per_sec"] / unfused["tokens_per_sec"]))
 else:
     print("bench_step: no result"); ok = False
 if torch_run:
