@@ -211,6 +211,7 @@ class CudaBackend final : public Backend {
   };
   ScratchBuffer scratch_[kNumSlots];
   GroupedGemm grouped_gemm_;  // the experts' products as one cuBLAS call (grouped_linear.cu)
+  bool fused_gelu_ = true;     // false under MOE_FUSED_GELU=0, read when created (linear_gelu.cu)
 };
 
 // dpre (n) *= gelu'(pre (n)) on the default stream: the unfused GELU backward after a

@@ -82,6 +82,8 @@ bool CudaBackend::try_gemm(const GemmCall& g) {
   const bool gelu = g.epilogue != GemmEpilogue::kBias;
   MOE_CHECK(!gelu || (g.batch == 1 && g.aux != nullptr && !g.fp32),
             "gemm: a GELU epilogue needs one bf16 product and its aux matrix");
+  MOE_CHECK(g.epilogue != GemmEpilogue::kDGelu || g.bias == nullptr,
+            "gemm: the DGELU epilogue takes no bias");
   const cudaDataType_t operand = g.fp32 ? CUDA_R_32F : CUDA_R_16BF;
   LtDescriptors d;
   CUBLAS_CHECK(cublasLtMatmulDescCreate(&d.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -131,6 +133,8 @@ bool CudaBackend::try_gemm(const GemmCall& g) {
       std::to_string(g.ldb) + "," + std::to_string(g.ldc) + "," + std::to_string(g.batch) + "," +
       std::to_string(g.stride_a) + "," + std::to_string(g.stride_b) + "," +
       std::to_string(g.stride_c) + "," + std::to_string(static_cast<int>(epilogue)) + "," +
+      // The heuristic reads the bias and aux pointers' alignment too.
+      (g.bias ? std::to_string(alignment(g.bias, 0, 1)) + "," : "") +
       (gelu ? std::to_string(alignment(g.aux, 0, 1)) + "," + std::to_string(g.ldaux) : "") +
       (g.fp32 ? "fp32" : "bf16") + (g.beta != 0.0f ? "acc" : "");
   auto it = algo_cache_.find(key);

@@ -236,14 +236,14 @@ void CudaBackend::grouped_linear_backward(float* dinp,               // (rows,IC
                                           int E, int IC, int OC) {
   check_offsets(offsets_host, E, "grouped_linear_backward");
   const int first = offsets_host[0], rows = offsets_host[E] - first;
-  if (rows <= 0 || OC == 0 || IC == 0) return;
+  if (rows <= 0 || OC == 0) return;  // IC == 0 still has bias gradients
   const __nv_bfloat16* dout_bf16 = to_bf16(kBf16Dout, dout + static_cast<size_t>(first) * OC,
                                            static_cast<size_t>(rows) * OC);  // (rows,OC)
   const __nv_bfloat16* inp_bf16 = to_bf16(kBf16Inp, inp + static_cast<size_t>(first) * IC,
                                           static_cast<size_t>(rows) * IC);   // (rows,IC)
   const __nv_bfloat16* w_bf16 = bf16_weight(weight, static_cast<size_t>(E) * OC * IC);
 
-  if (dinp != nullptr) {
+  if (dinp != nullptr && IC > 0) {
     if (const __nv_bfloat16* product =
             grouped_expert_products(/*transpose_weight=*/false, w_bf16, dout_bf16, offsets_host,
                                     E, IC, OC)) {  // (rows,IC) from offsets[0]
@@ -308,24 +308,27 @@ void CudaBackend::gelu_grouped_linear_backward(float* dpre,              // (row
                                                int E, int IC, int OC) {
   check_offsets(offsets_host, E, "gelu_grouped_linear_backward");
   const int first = offsets_host[0], rows = offsets_host[E] - first;
-  if (rows <= 0 || IC == 0) return;
+  if (rows <= 0) return;
   const size_t total = static_cast<size_t>(rows) * IC, at = static_cast<size_t>(first) * IC;
   if (OC == 0) {  // no outputs: nothing flows back
-    fill_zero(dpre + at, sizeof(float) * total);
+    if (total > 0) fill_zero(dpre + at, sizeof(float) * total);
     return;
   }
   const __nv_bfloat16* dout_bf16 = to_bf16(kBf16Dout, dout + static_cast<size_t>(first) * OC,
                                            static_cast<size_t>(rows) * OC);  // (rows,OC)
   const __nv_bfloat16* act_bf16 = to_bf16(kBf16Inp, act + at, total);       // (rows,IC)
   const __nv_bfloat16* w_bf16 = bf16_weight(weight, static_cast<size_t>(E) * OC * IC);
-  if (const __nv_bfloat16* product =
-          grouped_expert_products(/*transpose_weight=*/false, w_bf16, dout_bf16, offsets_host, E,
-                                  IC, OC)) {  // (rows,IC) from offsets[0]
+  // (rows,IC) from offsets[0]; with IC == 0 there is no dpre, only the bias gradients.
+  const __nv_bfloat16* product =
+      IC > 0 ? grouped_expert_products(/*transpose_weight=*/false, w_bf16, dout_bf16,
+                                       offsets_host, E, IC, OC)
+             : nullptr;
+  if (product != nullptr) {
     note_write(dpre);
     gelu_input_gradient_kernel<<<grid_for(total), kThreads>>>(dpre + at, product, pre + at,
                                                               total);
     CUDA_CHECK_LAUNCH();
-  } else {
+  } else if (IC > 0) {
     fill_zero(dpre + at, sizeof(float) * total);
     dinp_per_expert(*this, dpre, dout_bf16, w_bf16, offsets_host, E, IC, OC);
     launch_scale_by_gelu_derivative(dpre + at, pre + at, total);

@@ -10,22 +10,11 @@
 // of 8, a bias 16-byte aligned, the operands bf16), the op runs unfused: the product, then the
 // GELU kernel of core/cuda/gelu_math.cuh. MOE_FUSED_GELU=0 forces that path (a comparison
 // switch for benchmarks).
-#include <cstdlib>
-#include <cstring>
-
 #include "core/cuda/cuda_backend.h"
 #include "core/cuda/gelu_math.cuh"
 
 namespace moe {
 namespace {
-
-bool fusion_enabled() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("MOE_FUSED_GELU");
-    return value == nullptr || std::strcmp(value, "0") != 0;
-  }();
-  return enabled;
-}
 
 __global__ void scale_by_gelu_derivative_kernel(float* dpre, const float* pre, size_t n) {
   for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
@@ -48,15 +37,17 @@ void CudaBackend::linear_gelu_forward(float* pre,           // (N,OC)
                                       const float* bias,    // (OC) or nullptr
                                       int N, int IC, int OC) {
   if (N == 0 || OC == 0) return;
-  GemmCall g = linear_forward_call(out, inp, weight, bias, N, IC, OC);
+  GemmCall g = linear_forward_call(pre, inp, weight, bias, N, IC, OC);  // the unfused product
   const bool bias_fits = bias == nullptr || reinterpret_cast<uintptr_t>(bias) % 16 == 0;
-  if (fusion_enabled() && !g.fp32 && OC % 8 == 0 && bias_fits) {
-    g.epilogue = GemmEpilogue::kGeluAux;
-    g.aux = pre;
-    g.ldaux = OC;
-    if (try_gemm(g)) return;
+  if (fused_gelu_ && !g.fp32 && OC % 8 == 0 && bias_fits) {
+    GemmCall with_gelu = g;
+    with_gelu.c = out;
+    with_gelu.epilogue = GemmEpilogue::kGeluAux;
+    with_gelu.aux = pre;
+    with_gelu.ldaux = OC;
+    if (try_gemm(with_gelu)) return;
   }
-  linear_forward(pre, inp, weight, bias, N, IC, OC);
+  gemm(g);  // inp's bf16 copy made above serves this product too
   gelu_forward(out, pre, static_cast<size_t>(N) * OC);
 }
 
@@ -78,7 +69,7 @@ void CudaBackend::gelu_linear_backward(float* dpre,          // (N,IC) written
   GemmCall g = linear_dinp_call(dpre, dout_op, weight, N, IC, OC);
   g.beta = 0.0f;  // written, not accumulated
   bool fused = false;
-  if (fusion_enabled() && !g.fp32 && IC % 8 == 0) {
+  if (fused_gelu_ && !g.fp32 && IC % 8 == 0) {
     GemmCall with_dgelu = g;
     with_dgelu.epilogue = GemmEpilogue::kDGelu;
     with_dgelu.aux = const_cast<float*>(pre);  // read only: DGELU's input

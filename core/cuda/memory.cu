@@ -1,4 +1,6 @@
 // Device memory, copies, scratch slots, the bf16 weight cache and the backend's construction.
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "core/cuda/cuda_backend.h"
@@ -38,6 +40,8 @@ CudaBackend::CudaBackend(int device) : device_(device) {
   CUBLAS_CHECK(cublasLtCreate(&lt_));
   lt_workspace_bytes_ = size_t{32} << 20;  // cuBLASLt's recommendation for Hopper
   CUDA_CHECK(cudaMalloc(&lt_workspace_, lt_workspace_bytes_));
+  const char* fused_gelu = std::getenv("MOE_FUSED_GELU");
+  fused_gelu_ = fused_gelu == nullptr || std::strcmp(fused_gelu, "0") != 0;
 }
 
 CudaBackend::~CudaBackend() {
