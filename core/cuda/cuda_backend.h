@@ -13,7 +13,7 @@
 // Streams: every op runs in order on the legacy default stream, so ops need no events between
 // them; the NCCL communicator (dist/nccl_communicator.cpp) orders its own stream against it.
 // Host-side arguments of the interface (offsets_host, row_idx_host, v_host ...) are uploaded
-// with the op; results the interface returns on the host (capacity counts, column sums,
+// with the op through pinned staging, so they never stall the stream; results the interface returns on the host (capacity counts, column sums,
 // sum_squares, all_finite) are one device-to-host copy each.
 #pragma once
 
@@ -150,6 +150,9 @@ class CudaBackend final : public Backend {
   void* scratch(Slot slot, size_t bytes);
   // Uploads `count` host ints into a scratch slot and returns the device copy.
   const int* upload(Slot slot, const int* host, size_t count);
+  // Copies `bytes` host bytes into a scratch slot, stream-ordered and without synchronizing
+  // (through pinned staging, memory.cu); the host bytes may be reused on return.
+  const void* upload_bytes(Slot slot, const void* host, size_t bytes);
   // The bf16 copy of n floats (an activation): converted now into the slot.
   const __nv_bfloat16* to_bf16(Slot slot, const float* x, size_t n);
   // The bf16 copy of a weight: the whole allocation holding it is converted on first use and
@@ -210,6 +213,15 @@ class CudaBackend final : public Backend {
     size_t bytes = 0;
   };
   ScratchBuffer scratch_[kNumSlots];
+  // Pinned host buffers that uploads pass through (upload_bytes), kStagingDepth per slot.
+  static constexpr int kStagingDepth = 4;
+  struct PinnedStaging {
+    void* host = nullptr;          // pinned (cudaMallocHost)
+    size_t bytes = 0;
+    cudaEvent_t copied = nullptr;  // recorded after the last copy out of host
+  };
+  PinnedStaging staging_[kNumSlots][kStagingDepth];
+  int staging_turn_[kNumSlots] = {};  // the slot's next staging buffer
   GroupedGemm grouped_gemm_;  // the experts' products as one cuBLAS call (grouped_linear.cu)
   bool fused_gelu_ = true;     // false under MOE_FUSED_GELU=0, read when created (linear_gelu.cu)
 };

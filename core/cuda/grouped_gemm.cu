@@ -70,7 +70,7 @@ bool GroupedGemm::ensure_handle(int device) {
 }
 
 bool GroupedGemm::run(int device, bool trans_a, bool trans_b,
-                      const std::vector<GroupedGemmProblem>& problems, void** device_pointers) {
+                      const std::vector<GroupedGemmProblem>& problems, const Upload& upload) {
   if (!enabled_ || problems.empty()) return false;
   for (const GroupedGemmProblem& p : problems) {
     if (p.m <= 0 || p.n <= 0 || p.k <= 0) return false;  // nothing cuBLAS should see
@@ -107,13 +107,12 @@ bool GroupedGemm::run(int device, bool trans_a, bool trans_b,
     pointers[num_groups + g] = p.b;
     pointers[2 * static_cast<size_t>(num_groups) + g] = p.c;
   }
-  // From pageable memory this returns once the bytes are staged, so `pointers` may go; the
-  // copy itself is ordered before the GEMM on stream 0.
-  CUDA_CHECK(cudaMemcpyAsync(device_pointers, pointers.data(), pointers.size() * sizeof(void*),
-                             cudaMemcpyHostToDevice, 0));
   // cublasGemmGroupedBatchedEx arrived in cuBLAS 12.5; an older toolkit (the GPU machine's
   // own) still builds, and its backends run the experts one product each.
 #if CUBLAS_VERSION >= 120500
+  // The copy is ordered before the GEMM on stream 0, and `pointers` may go on return.
+  void** device_pointers = static_cast<void**>(const_cast<void*>(
+      upload(pointers.data(), pointers.size() * sizeof(void*))));  // (3, groups) device
   void** a_array = device_pointers;                                        // (groups) device
   void** b_array = device_pointers + num_groups;                           // (groups) device
   void** c_array = device_pointers + 2 * static_cast<size_t>(num_groups);  // (groups) device
@@ -122,6 +121,7 @@ bool GroupedGemm::run(int device, bool trans_a, bool trans_b,
       CUDA_R_16BF, lda.data(), b_array, CUDA_R_16BF, ldb.data(), beta.data(), c_array,
       CUDA_R_16BF, ldc.data(), num_groups, group_size.data(), CUBLAS_COMPUTE_32F);
 #else
+  (void)upload;
   const cublasStatus_t status = CUBLAS_STATUS_NOT_SUPPORTED;
 #endif
   if (status != CUBLAS_STATUS_SUCCESS) {

@@ -13,6 +13,7 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -46,10 +47,12 @@ class GroupedGemm {
 
   // Runs every problem as one grouped call on the legacy default stream (stream order, like
   // every op of the backend), or returns false without writing anything: then the caller must
-  // compute the products itself. device_pointers is device memory for 3 * problems.size()
-  // pointers (the call takes its A, B and C arrays from the device); device is the backend's.
+  // compute the products itself. The call takes its A, B and C pointer arrays from the
+  // device: upload copies host bytes to device memory in stream order and returns where
+  // (the backend's upload_bytes); device is the backend's.
+  using Upload = std::function<const void*(const void* host, size_t bytes)>;
   bool run(int device, bool trans_a, bool trans_b, const std::vector<GroupedGemmProblem>& problems,
-           void** device_pointers);
+           const Upload& upload);
 
  private:
   // Creates the handle on first use; false (after the one stderr line) when cuBLAS cannot.

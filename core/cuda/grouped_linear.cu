@@ -190,9 +190,11 @@ const __nv_bfloat16* CudaBackend::grouped_expert_products(bool transpose_weight,
     p.ldc = m;
     problems.push_back(p);
   }
-  void** pointers = static_cast<void**>(
-      scratch(kGroupedPointers, 3 * problems.size() * sizeof(void*)));  // (3, problems)
-  return grouped_gemm_.run(device_, transpose_weight, /*trans_b=*/false, problems, pointers)
+  const auto upload_pointers = [this](const void* host, size_t bytes) {
+    return upload_bytes(kGroupedPointers, host, bytes);  // (3, problems)
+  };
+  return grouped_gemm_.run(device_, transpose_weight, /*trans_b=*/false, problems,
+                           upload_pointers)
              ? product
              : nullptr;
 }

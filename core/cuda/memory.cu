@@ -48,6 +48,11 @@ CudaBackend::~CudaBackend() {
   // No throwing from a destructor: errors here are ignored (the process is ending anyway).
   cudaDeviceSynchronize();
   for (ScratchBuffer& s : scratch_) cudaFree(s.ptr);
+  for (auto& slot : staging_)
+    for (PinnedStaging& staging : slot) {
+      cudaFreeHost(staging.host);
+      if (staging.copied) cudaEventDestroy(staging.copied);
+    }
   for (auto& [base, a] : allocations_) {
     cudaFree(a.shadow);
     cudaFree(reinterpret_cast<void*>(base));
@@ -120,12 +125,36 @@ void* CudaBackend::scratch(Slot slot, size_t bytes) {
   return s.ptr;
 }
 
-const int* CudaBackend::upload(Slot slot, const int* host, size_t count) {
-  int* dev = static_cast<int*>(scratch(slot, count * sizeof(int) + 4));
-  // From pageable memory this returns once the bytes are staged: the caller may reuse host.
-  if (count > 0)
-    CUDA_CHECK(cudaMemcpyAsync(dev, host, count * sizeof(int), cudaMemcpyHostToDevice, 0));
+// cudaMemcpyAsync from pageable host memory may synchronize with the stream (CUDA's "API
+// synchronization behavior": the driver may stage it through pinned memory after a stream
+// sync), which would drain the GPU's queue at every op with a host argument. From pinned
+// memory the copy is truly asynchronous. So the bytes go to the slot's next pinned staging
+// buffer first (round robin over kStagingDepth), and an event after the copy says when that
+// buffer may be rewritten: by its next turn the copy is normally long done.
+const void* CudaBackend::upload_bytes(Slot slot, const void* host, size_t bytes) {
+  void* dev = scratch(slot, bytes + 4);
+  if (bytes == 0) return dev;
+  PinnedStaging& staging = staging_[slot][staging_turn_[slot]];
+  staging_turn_[slot] = (staging_turn_[slot] + 1) % kStagingDepth;
+  if (staging.copied == nullptr)
+    CUDA_CHECK(cudaEventCreateWithFlags(&staging.copied, cudaEventDisableTiming));
+  else
+    CUDA_CHECK(cudaEventSynchronize(staging.copied));  // its previous copy has left it
+  if (staging.bytes < bytes) {
+    CUDA_CHECK(cudaFreeHost(staging.host));
+    staging.host = nullptr;
+    const size_t grown = bytes + bytes / 4;
+    CUDA_CHECK(cudaMallocHost(&staging.host, grown));
+    staging.bytes = grown;
+  }
+  std::memcpy(staging.host, host, bytes);
+  CUDA_CHECK(cudaMemcpyAsync(dev, staging.host, bytes, cudaMemcpyHostToDevice, 0));
+  CUDA_CHECK(cudaEventRecord(staging.copied, 0));
   return dev;
+}
+
+const int* CudaBackend::upload(Slot slot, const int* host, size_t count) {
+  return static_cast<const int*>(upload_bytes(slot, host, count * sizeof(int)));
 }
 
 const __nv_bfloat16* CudaBackend::to_bf16(Slot slot, const float* x, size_t n) {

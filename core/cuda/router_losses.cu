@@ -52,8 +52,8 @@ void CudaBackend::column_sums(double* sums_host, const float* x, int N, int E) {
 void CudaBackend::add_row_vector(float* x, const float* v_host, int N, int E) {
   if (N == 0) return;
   note_write(x);
-  auto* v = static_cast<float*>(scratch(kHostVector, E * sizeof(float) + 4));  // (E)
-  CUDA_CHECK(cudaMemcpyAsync(v, v_host, E * sizeof(float), cudaMemcpyHostToDevice, 0));
+  const auto* v = static_cast<const float*>(
+      upload_bytes(kHostVector, v_host, static_cast<size_t>(E) * sizeof(float)));  // (E)
   add_row_vector_kernel<<<grid_for(static_cast<size_t>(N) * E), kThreads>>>(x, v, N, E);
   CUDA_CHECK_LAUNCH();
 }
