@@ -224,6 +224,7 @@ class CudaBackend final : public Backend {
   int staging_turn_[kNumSlots] = {};  // the slot's next staging buffer
   GroupedGemm grouped_gemm_;  // the experts' products as one cuBLAS call (grouped_linear.cu)
   bool fused_gelu_ = true;     // false under MOE_FUSED_GELU=0, read when created (linear_gelu.cu)
+  bool warned_gelu_epilogue_ = false;  // the one line when cuBLASLt refused it at run time
 };
 
 // dpre (n) *= gelu'(pre (n)) on the default stream: the unfused GELU backward after a

@@ -1,7 +1,7 @@
 // Every product of the backend goes through here: cuBLASLt, bf16 (or fp32) operands, fp32
 // accumulation and output, an optional bias (or bias + GELU, or GELU-gradient) epilogue,
-// strided batches. The algorithm is
-// chosen by cuBLASLt's heuristic once per shape and cached.
+// strided batches. The algorithm is chosen by cuBLASLt's heuristic once per shape and cached.
+#include <cstdio>
 #include <optional>
 #include <string>
 #include <utility>
@@ -170,8 +170,20 @@ bool CudaBackend::try_gemm(const GemmCall& g) {
   if (!it->second.has_value()) return false;
   note_write(g.c);
   if (g.epilogue == GemmEpilogue::kGeluAux) note_write(g.aux);
-  CUBLAS_CHECK(cublasLtMatmul(lt_, d.op, &g.alpha, g.a, d.a, g.b, d.b, &g.beta, g.c, d.c, g.c, d.c,
-                              &*it->second, lt_workspace_, lt_workspace_bytes_, 0));
+  const cublasStatus_t status =
+      cublasLtMatmul(lt_, d.op, &g.alpha, g.a, d.a, g.b, d.b, &g.beta, g.c, d.c, g.c, d.c,
+                     &*it->second, lt_workspace_, lt_workspace_bytes_, 0);
+  if (gelu && (status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE)) {
+    // cuBLASLt checks some epilogue rules only here, before any work: forget the algorithm,
+    // say so once, and let the caller run the GELU as a kernel.
+    it->second.reset();
+    if (!warned_gelu_epilogue_)
+      std::fprintf(stderr, "moe: cuBLASLt refused the GELU epilogue (%s); the GELU runs as a kernel\n",
+                   cublasLtGetStatusName(status));
+    warned_gelu_epilogue_ = true;
+    return false;
+  }
+  CUBLAS_CHECK(status);
   return true;
 }
 
