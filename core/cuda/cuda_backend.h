@@ -197,6 +197,10 @@ class CudaBackend final : public Backend {
                                                const __nv_bfloat16* w_bf16,
                                                const __nv_bfloat16* rows_bf16,
                                                const int* offsets_host, int E, int IC, int OC);
+  // grouped_linear_forward (gelu_out == nullptr) and grouped_linear_gelu_forward (out is
+  // then the GELU's input, pre), offsets already checked (grouped_linear.cu).
+  void expert_forward(float* out, float* gelu_out, const float* inp, const float* weight,
+                      const float* bias, const int* offsets_host, int E, int IC, int OC);
   // The allocation holding ptr, or nullptr.
   Allocation* find_allocation(const void* ptr, uintptr_t* base = nullptr);
 

@@ -206,26 +206,7 @@ void CudaBackend::grouped_linear_forward(float* out,               // (rows,OC)
                                          const int* offsets_host,  // (E+1)
                                          int E, int IC, int OC) {
   check_offsets(offsets_host, E, "grouped_linear_forward");
-  const int first = offsets_host[0], rows = offsets_host[E] - first;
-  if (rows <= 0 || OC == 0) return;
-  const __nv_bfloat16* inp_bf16 =
-      to_bf16(kBf16Inp, inp + static_cast<size_t>(first) * IC,
-              static_cast<size_t>(rows) * IC);  // (rows,IC) from offsets[0]
-  const __nv_bfloat16* w_bf16 = bf16_weight(weight, static_cast<size_t>(E) * OC * IC);
-
-  if (const __nv_bfloat16* product =
-          grouped_expert_products(/*transpose_weight=*/true, w_bf16, inp_bf16, offsets_host, E,
-                                  IC, OC)) {  // (rows,OC) from offsets[0]
-    note_write(out);
-    const int* offsets = bias ? upload(kIndexA, offsets_host, E + 1) : nullptr;  // (E+1)
-    const size_t total = static_cast<size_t>(rows) * OC;
-    expert_output_kernel<<<grid_for(total), kThreads>>>(out + static_cast<size_t>(first) * OC,
-                                                        nullptr, product, bias, offsets, E, rows,
-                                                        OC);
-    CUDA_CHECK_LAUNCH();
-    return;
-  }
-  forward_per_expert(*this, out, inp_bf16, w_bf16, bias, offsets_host, E, IC, OC);
+  expert_forward(out, nullptr, inp, weight, bias, offsets_host, E, IC, OC);
 }
 
 void CudaBackend::grouped_linear_backward(float* dinp,               // (rows,IC) += or nullptr
@@ -274,6 +255,19 @@ void CudaBackend::grouped_linear_gelu_forward(float* pre,               // (rows
                                               const int* offsets_host,  // (E+1)
                                               int E, int IC, int OC) {
   check_offsets(offsets_host, E, "grouped_linear_gelu_forward");
+  expert_forward(pre, out, inp, weight, bias, offsets_host, E, IC, OC);
+}
+
+// Both forwards: with the grouped call, the pass that widens the bf16 product adds the bias
+// (and, with gelu_out, applies the GELU: pre and gelu(pre) in one pass); per expert, the
+// products with their bias epilogue, then the GELU kernel.
+void CudaBackend::expert_forward(float* out,               // (rows,OC)
+                                 float* gelu_out,          // (rows,OC) or nullptr
+                                 const float* inp,         // (rows,IC)
+                                 const float* weight,      // (E,OC,IC)
+                                 const float* bias,        // (E,OC) or nullptr
+                                 const int* offsets_host,  // (E+1)
+                                 int E, int IC, int OC) {
   const int first = offsets_host[0], rows = offsets_host[E] - first;
   if (rows <= 0 || OC == 0) return;
   const __nv_bfloat16* inp_bf16 =
@@ -284,16 +278,16 @@ void CudaBackend::grouped_linear_gelu_forward(float* pre,               // (rows
   if (const __nv_bfloat16* product =
           grouped_expert_products(/*transpose_weight=*/true, w_bf16, inp_bf16, offsets_host, E,
                                   IC, OC)) {  // (rows,OC) from offsets[0]
-    note_write(pre);
     note_write(out);
+    note_write(gelu_out);
     const int* offsets = bias ? upload(kIndexA, offsets_host, E + 1) : nullptr;  // (E+1)
-    expert_output_kernel<<<grid_for(total), kThreads>>>(pre + at, out + at, product, bias,
-                                                        offsets, E, rows, OC);
+    expert_output_kernel<<<grid_for(total), kThreads>>>(
+        out + at, gelu_out ? gelu_out + at : nullptr, product, bias, offsets, E, rows, OC);
     CUDA_CHECK_LAUNCH();
     return;
   }
-  forward_per_expert(*this, pre, inp_bf16, w_bf16, bias, offsets_host, E, IC, OC);
-  gelu_forward(out + at, pre + at, total);
+  forward_per_expert(*this, out, inp_bf16, w_bf16, bias, offsets_host, E, IC, OC);
+  if (gelu_out != nullptr) gelu_forward(gelu_out + at, out + at, total);
 }
 
 // c_proj's backward through the GELU: dout is converted once for both products. With the
