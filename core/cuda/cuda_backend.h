@@ -13,7 +13,7 @@
 // Streams: every op runs in order on the legacy default stream, so ops need no events between
 // them; the NCCL communicator (dist/nccl_communicator.cpp) orders its own stream against it.
 // Host-side arguments of the interface (offsets_host, row_idx_host, v_host ...) are uploaded
-// with the op through pinned staging, so they never stall the stream; results the interface returns on the host (capacity counts, column sums,
+// with the op through pinned staging, so they do not synchronize with the stream; results the interface returns on the host (capacity counts, column sums,
 // sum_squares, all_finite) are one device-to-host copy each.
 #pragma once
 

@@ -118,6 +118,7 @@ void* CudaBackend::scratch(Slot slot, size_t bytes) {
     // cudaFree waits for the device, so no queued op still uses the old buffer.
     CUDA_CHECK(cudaFree(s.ptr));
     s.ptr = nullptr;
+    s.bytes = 0;  // consistent even if the allocation below throws
     const size_t grown = bytes + bytes / 4;
     CUDA_CHECK(cudaMalloc(&s.ptr, grown));
     s.bytes = grown;
@@ -130,7 +131,8 @@ void* CudaBackend::scratch(Slot slot, size_t bytes) {
 // sync), which would drain the GPU's queue at every op with a host argument. From pinned
 // memory the copy is truly asynchronous. So the bytes go to the slot's next pinned staging
 // buffer first (round robin over kStagingDepth), and an event after the copy says when that
-// buffer may be rewritten: by its next turn the copy is normally long done.
+// buffer may be rewritten: by its next turn the copy is normally long done (the host waits
+// only when the GPU is more than kStagingDepth uploads of this slot behind).
 const void* CudaBackend::upload_bytes(Slot slot, const void* host, size_t bytes) {
   void* dev = scratch(slot, bytes + 4);
   if (bytes == 0) return dev;
@@ -143,6 +145,7 @@ const void* CudaBackend::upload_bytes(Slot slot, const void* host, size_t bytes)
   if (staging.bytes < bytes) {
     CUDA_CHECK(cudaFreeHost(staging.host));
     staging.host = nullptr;
+    staging.bytes = 0;  // consistent even if the allocation below throws
     const size_t grown = bytes + bytes / 4;
     CUDA_CHECK(cudaMallocHost(&staging.host, grown));
     staging.bytes = grown;
