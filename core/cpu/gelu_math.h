@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <numbers>
 
 #include "core/cpu/simd_exp.h"
@@ -28,6 +29,13 @@ inline float derivative(float x) {
   float du_dx = kSqrt2OverPi * (1.0f + 3.0f * kCubic * x * x);
   float sig = 1.0f / (1.0f + simd_expf(-2.0f * u));
   return sig + x * 2.0f * sig * (1.0f - sig) * du_dx;
+}
+
+// grad (n) *= gelu'(x (n)), in place: the input gradient through the GELU once the product
+// after it has been written into grad (linear_gelu.cpp, grouped_linear.cpp).
+inline void scale_by_derivative(float* grad, const float* x, size_t n) {
+#pragma omp parallel for simd schedule(static)
+  for (size_t i = 0; i < n; i++) grad[i] = derivative(x[i]) * grad[i];
 }
 
 }  // namespace moe::gelu_math

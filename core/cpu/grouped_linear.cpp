@@ -88,8 +88,7 @@ void CpuBackend::grouped_linear_gelu_forward(float* pre,               // (rows,
   grouped_linear_forward(pre, inp, weight, bias, offsets_host, E, IC, OC);
   const size_t first = static_cast<size_t>(offsets_host[0]) * OC,
                last = static_cast<size_t>(offsets_host[E]) * OC;
-#pragma omp parallel for simd schedule(static)
-  for (size_t i = first; i < last; i++) out[i] = gelu_math::value(pre[i]);
+  gelu_forward(out + first, pre + first, last - first);
 }
 
 void CpuBackend::gelu_grouped_linear_backward(float* dpre,              // (rows,IC) written
@@ -117,8 +116,7 @@ void CpuBackend::gelu_grouped_linear_backward(float* dpre,              // (rows
   }
   const size_t first = static_cast<size_t>(offsets_host[0]) * IC,
                last = static_cast<size_t>(offsets_host[E]) * IC;
-#pragma omp parallel for simd schedule(static)
-  for (size_t i = first; i < last; i++) dpre[i] = gelu_math::derivative(pre[i]) * dpre[i];
+  gelu_math::scale_by_derivative(dpre + first, pre + first, last - first);
 }
 
 }  // namespace moe

@@ -37,8 +37,7 @@ void CpuBackend::gelu_linear_backward(float* dpre,          // (N,IC) written
   linear_backward(nullptr, dweight, dbias, dout, act, weight, N, IC, OC);
   // dpre (N,IC) = dout (N,OC) @ weight (OC,IC), then times gelu'(pre) in place
   sgemm('N', 'N', N, IC, OC, 1.0f, dout, OC, weight, IC, 0.0f, dpre, IC);
-#pragma omp parallel for simd schedule(static)
-  for (size_t i = 0; i < n; i++) dpre[i] = gelu_math::derivative(pre[i]) * dpre[i];
+  gelu_math::scale_by_derivative(dpre, pre, n);
 }
 
 }  // namespace moe
