@@ -146,6 +146,29 @@ def all_gone(job, pids, timeout):
     return time.time() - start
 
 
+def freeze_at(job, at):
+    """Waits for iteration `at` and freezes every rank there (SIGSTOP), so that the fault the
+    test injects next lands while the run is still training, however fast its iterations are
+    (a few ms here: without the freeze the run could end between seeing `at` and the fault).
+    Returns ({world rank: pid}, iterations done when frozen), or (None, 0) when the run ended
+    first or its rank processes were not all found."""
+    if not job.wait_for_iteration(1):
+        return None, 0
+    pids = job.rank_pids()  # found before `at`: scanning /proc takes longer than an iteration
+    if len(pids) != RANKS or not job.wait_for_iteration(at):
+        return None, 0
+    for pid in pids.values():
+        os.kill(pid, signal.SIGSTOP)
+    return pids, job.iterations_done()
+
+
+def thaw(pids, skip=None):
+    """SIGCONT to every frozen rank but `skip`."""
+    for rank, pid in pids.items():
+        if rank != skip and alive(pid):
+            os.kill(pid, signal.SIGCONT)
+
+
 class Context:
     def __init__(self, args, workdir):
         self.moe_train, self.mpiexec, self.workdir = args.moe_train, args.mpiexec, workdir
@@ -177,16 +200,15 @@ def test_kill(ctx, trial):
     job = Job(ctx, f"kill{trial}", ["--save", save, "--save-interval", "1",
                                     "--keep-checkpoints", "3"])
     at = ctx.rng.randint(2, ITERS - 4)
-    if not check(job.wait_for_iteration(at), f"kill #{trial}: run reached iteration {at}"):
+    pids, done = freeze_at(job, at)
+    if not check(pids is not None and done < ITERS,
+                 f"kill #{trial}: run reached iteration {at} with its {RANKS} rank processes, "
+                 f"frozen still training (iteration {done} of {ITERS})"):
         job.wait(5)
         return
-    pids = job.rank_pids()
     victim = ctx.rng.randrange(RANKS)
-    check(len(pids) == RANKS, f"kill #{trial}: found the {RANKS} rank processes")
-    if victim not in pids:
-        job.wait(5)
-        return
     os.kill(pids[victim], signal.SIGKILL)
+    thaw(pids, skip=victim)
     seconds = all_gone(job, pids, ctx.timeout)
     output = job.output()
     check(seconds is not None,
@@ -201,12 +223,14 @@ def test_kill(ctx, trial):
 def test_stop(ctx):
     job = Job(ctx, "stop", ["--distributed-timeout", "5"])
     at = ctx.rng.randint(2, ITERS - 4)
-    if not check(job.wait_for_iteration(at), f"stop: run reached iteration {at}"):
+    pids, done = freeze_at(job, at)
+    if not check(pids is not None and done < ITERS,
+                 f"stop: run reached iteration {at} with its {RANKS} rank processes, frozen "
+                 f"still training (iteration {done} of {ITERS})"):
         job.wait(5)
         return
-    pids = job.rank_pids()
     victim = ctx.rng.randrange(RANKS)
-    os.kill(pids[victim], signal.SIGSTOP)
+    thaw(pids, skip=victim)  # the victim stays stopped: alive, but answering nobody
     seconds = all_gone(job, pids, 5 + 25)
     for p in pids.values():  # a stopped rank left behind must not outlive the test
         if alive(p):
@@ -224,12 +248,15 @@ def test_sigterm(ctx):
     save = os.path.join(ctx.workdir, "sigterm")
     job = Job(ctx, "sigterm", ["--save", save])  # no --save-interval: only the stop saves
     at = ctx.rng.randint(2, ITERS - 4)
-    if not check(job.wait_for_iteration(at), f"sigterm: run reached iteration {at}"):
+    pids, done = freeze_at(job, at)
+    if not check(pids is not None and done < ITERS,
+                 f"sigterm: run reached iteration {at} with its {RANKS} rank processes, frozen "
+                 f"still training (iteration {done} of {ITERS})"):
         job.wait(5)
         return
-    pids = job.rank_pids()
     victim = ctx.rng.randrange(RANKS)
-    os.kill(pids[victim], signal.SIGTERM)
+    os.kill(pids[victim], signal.SIGTERM)  # pending until the victim runs again
+    thaw(pids)
     status = job.wait(ctx.timeout)
     output = job.output()
     stopped = [line for line in output.splitlines() if f"SIGTERM on rank {victim}" in line]
