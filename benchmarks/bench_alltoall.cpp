@@ -10,12 +10,13 @@
 // (GB/s = 1e9 B/s), busbw = algbw * (n-1)/n. #wrong counts received elements that differ from
 // the seeded values their sender wrote (a separate run into a poisoned buffer, -c 1).
 //
-// --moe mode, per size and routing case: each rank holds size/(4*hidden) tokens, routes them
-// (uniform or Zipf-skewed, top-1 or top-2, dropless or with a capacity factor), and times
-// ExpertDispatcher dispatch + combine, the trainer's token exchange, beside two bare
-// MPI_Alltoallv calls (there and back) of the same counts; plan (the exchange of the counts
-// that must precede it) is timed on its own and printed beside. size = the mean bytes a rank
-// dispatches, time = there-and-back time, algbw = 2 * size / time.
+// --moe mode, per size and routing case: each rank holds size/(4*hidden) tokens (rows of
+// activations, fp32 on the CPU backend), routes them (uniform or Zipf-skewed, top-1 or top-2,
+// dropless or with a capacity factor), and times ExpertDispatcher dispatch + combine, the
+// trainer's token exchange, beside two bare MPI_Alltoallv calls (there and back) of the same
+// counts; plan (the exchange of the counts that must precede it) is timed on its own and
+// printed beside. size = the mean bytes a rank dispatches, time = there-and-back time,
+// algbw = 2 * size / time.
 //
 // Both sides run alternately in one process (barrier before each), so both see the same load;
 // the ratio line compares their medians.
@@ -148,6 +149,14 @@ float seeded_value(uint64_t seed, int src, int dst, int64_t i) {
                      (static_cast<uint64_t>(dst) * 7919u) ^ static_cast<uint64_t>(i);
   return static_cast<float>((h * 2654435761u) % 65521u);
 }
+
+// The MPI type of one activation element: the bare side only moves the bytes.
+MPI_Datatype mpi_element(ActType type) {
+  return type == ActType::kF32 ? MPI_FLOAT : MPI_UINT16_T;
+}
+
+// An activation type as nccl-tests names it in the type column.
+const char* nccl_type_name(ActType type) { return type == ActType::kF32 ? "float" : "bfloat16"; }
 
 void check_mpi(int code, const char* what) {
   if (code != MPI_SUCCESS) throw RuntimeError(std::string("MPI ") + what + " failed");
@@ -335,7 +344,10 @@ MoeResult run_moe_size(const AlltoallOptions& o, Communicator& comm, Backend& ba
   if (o.experts % n != 0)
     throw UsageError("--experts " + std::to_string(o.experts) + " is not divisible by the " +
                      std::to_string(n) + " ranks");
-  const int tokens = std::max<int>(1, static_cast<int>(bytes / (sizeof(float) * D)));
+  // Rows travel in the backend's activation type: the bare side moves the same bytes.
+  const ActType type = backend.activation_type();
+  const MPI_Datatype element = mpi_element(type);
+  const int tokens = std::max<int>(1, static_cast<int>(bytes / (act_bytes(type) * D)));
   const std::vector<int> expert_idx_TK = route_tokens(o, c, tokens, me);
   const std::vector<int> counts_E = kept_counts(expert_idx_TK, tokens, o.experts, c);
   int rows = 0;
@@ -345,9 +357,11 @@ MoeResult run_moe_size(const AlltoallOptions& o, Communicator& comm, Backend& ba
   const DispatchHandle handle = dispatcher.plan(counts_E.data());
   // Rows in global expert order; row r of expert e carries the seeded values of (me -> owner).
   const int L = o.experts / n;
-  Buffer<float> x_RD(backend, static_cast<size_t>(std::max(rows, 1)) * D);      // (R, D)
-  Buffer<float> y_RD(backend, static_cast<size_t>(std::max(rows, 1)) * D);      // (R, D)
-  Buffer<float> x_local(backend, static_cast<size_t>(std::max(handle.num_local_rows, 1)) * D);  // (R_local, D)
+  const size_t rows_D = static_cast<size_t>(std::max(rows, 1)) * D;
+  const size_t local_rows_D = static_cast<size_t>(std::max(handle.num_local_rows, 1)) * D;
+  ActBuffer x_RD(backend, rows_D);           // (R, D)
+  ActBuffer y_RD(backend, rows_D);           // (R, D)
+  ActBuffer x_local(backend, local_rows_D);  // (R_local, D)
   {
     std::vector<float> host(static_cast<size_t>(rows) * D);
     int row = 0;
@@ -355,7 +369,7 @@ MoeResult run_moe_size(const AlltoallOptions& o, Communicator& comm, Backend& ba
       for (int j = 0; j < counts_E[e]; ++j, ++row)
         for (int d = 0; d < D; ++d)
           host[static_cast<size_t>(row) * D + d] = seeded_value(o.seed, me, e / L, row * D + d);
-    backend.copy_from_host(x_RD.data(), host.data(), host.size() * sizeof(float));
+    backend.copy_act_from_host(x_RD.data(), host.data(), host.size());
   }
 
   // The bare side: the same counts there and back, no planning and no reordering.
@@ -368,8 +382,8 @@ MoeResult run_moe_size(const AlltoallOptions& o, Communicator& comm, Backend& ba
     soff += send_counts[p];
     roff += recv_counts[p];
   }
-  std::vector<float> bare_recv(static_cast<size_t>(std::max(handle.num_local_rows, 1)) * D);
-  std::vector<float> bare_back(static_cast<size_t>(std::max(rows, 1)) * D);
+  ActBuffer bare_recv(backend, local_rows_D);  // (R_local, D)
+  ActBuffer bare_back(backend, rows_D);        // (R, D)
 
   auto ours = [&] {
     dispatcher.dispatch(handle, x_local.data(), x_RD.data(), D);
@@ -377,12 +391,12 @@ MoeResult run_moe_size(const AlltoallOptions& o, Communicator& comm, Backend& ba
   };
   auto plan = [&] { (void)dispatcher.plan(counts_E.data()); };
   auto bare = [&] {
-    check_mpi(MPI_Alltoallv(x_RD.data(), send_counts.data(), send_displs.data(), MPI_FLOAT,
-                            bare_recv.data(), recv_counts.data(), recv_displs.data(), MPI_FLOAT,
+    check_mpi(MPI_Alltoallv(x_RD.data(), send_counts.data(), send_displs.data(), element,
+                            bare_recv.data(), recv_counts.data(), recv_displs.data(), element,
                             MPI_COMM_WORLD),
               "Alltoallv");
-    check_mpi(MPI_Alltoallv(bare_recv.data(), recv_counts.data(), recv_displs.data(), MPI_FLOAT,
-                            bare_back.data(), send_counts.data(), send_displs.data(), MPI_FLOAT,
+    check_mpi(MPI_Alltoallv(bare_recv.data(), recv_counts.data(), recv_displs.data(), element,
+                            bare_back.data(), send_counts.data(), send_displs.data(), element,
                             MPI_COMM_WORLD),
               "Alltoallv");
   };
@@ -392,18 +406,14 @@ MoeResult run_moe_size(const AlltoallOptions& o, Communicator& comm, Backend& ba
     if (!o.check) return -1;
     std::vector<float> back(static_cast<size_t>(rows) * D, -1.0f);
     std::vector<float> sent(static_cast<size_t>(rows) * D);
-    backend.copy_to_host(sent.data(), x_RD.data(), sent.size() * sizeof(float));
-    if (ours_side) {
-      backend.copy_from_host(y_RD.data(), back.data(), back.size() * sizeof(float));
-      comm.barrier();
-      ours();
-      backend.copy_to_host(back.data(), y_RD.data(), back.size() * sizeof(float));
-    } else {
-      std::fill(bare_back.begin(), bare_back.end(), -1.0f);
-      comm.barrier();
-      bare();
-      std::copy(bare_back.begin(), bare_back.begin() + back.size(), back.begin());
-    }
+    backend.copy_act_to_host(sent.data(), x_RD.data(), sent.size());
+    // Poison the side's output (-1 everywhere), exchange, read it back.
+    ActBuffer& out = ours_side ? y_RD : bare_back;
+    backend.copy_act_from_host(out.data(), back.data(), back.size());
+    comm.barrier();
+    if (ours_side) ours();
+    else bare();
+    backend.copy_act_to_host(back.data(), out.data(), back.size());
     long long wrong = 0;
     for (size_t i = 0; i < back.size(); ++i) wrong += back[i] != sent[i];
     comm.allreduce_sum(&wrong, 1);
@@ -440,7 +450,7 @@ MoeResult run_moe_size(const AlltoallOptions& o, Communicator& comm, Backend& ba
   int most_received = handle.num_local_rows;
   comm.allreduce_max(&most_received, 1);
   const double mean_rows = static_cast<double>(kept_rows) / n;
-  const size_t mean_bytes = static_cast<size_t>(mean_rows * D * sizeof(float));
+  const size_t mean_bytes = static_cast<size_t>(mean_rows * D * act_bytes(type));
   auto make_row = [&](const Samples& t, long long wrong) {
     const double time_us = t.median_us();
     const double algbw = 2.0 * mean_bytes / (time_us * 1e-6) / 1e9;
@@ -502,6 +512,10 @@ int run(const MpiRuntime& mpi, int argc, char** argv) {
     }
   } else {
     auto backend = make_cpu_backend();
+    // Token rows are activations: their element decides the tokens a size holds.
+    const size_t element_bytes = act_bytes(backend->activation_type());
+    const char* element_name = nccl_type_name(backend->activation_type());
+    json["type"] = element_name;
     std::vector<MoeCase> cases;
     for (const std::string& routing : o.routings)
       for (int k : o.top_ks)
@@ -510,19 +524,21 @@ int run(const MpiRuntime& mpi, int argc, char** argv) {
     json["experts"] = o.experts;
     json["zipf_s"] = o.zipf_s;
     json["size_meaning"] =
-        "size = mean bytes dispatched per rank; tokens per rank = requested size / (4*hidden); "
+        "size = mean bytes dispatched per rank; tokens per rank = requested size / (element "
+        "bytes*hidden), 4*hidden in fp32; "
         "time = dispatch+combine (ours; plan_us alone) or two MPI_Alltoallv (bare); algbw = 2*size/time";
-    for (size_t bytes : size_sweep(o, sizeof(float) * o.hidden)) {
+    for (size_t bytes : size_sweep(o, element_bytes * o.hidden)) {
       if (root) {
-        std::printf("# --moe: %zu tokens per rank of %d floats, %d experts\n",
-                    bytes / (sizeof(float) * o.hidden), o.hidden, o.experts);
+        std::printf("# --moe: %zu tokens per rank of %d %s, %d experts\n",
+                    bytes / (element_bytes * o.hidden), o.hidden, element_name, o.experts);
         print_header("ExpertDispatcher dispatch+combine", "bare MPI_Alltoallv x2");
       }
       for (const MoeCase& c : cases) {
         const MoeResult r = run_moe_size(o, *comm, *backend, c, bytes);
         const double ratio = r.ours.algbw / r.bare.algbw;
         if (root) {
-          std::printf("  %10zu %12zu %8s %6s %6d", r.ours.bytes, r.ours.count, "float", "none", -1);
+          std::printf("  %10zu %12zu %8s %6s %6d", r.ours.bytes, r.ours.count, element_name,
+                      "none", -1);
           print_side(r.ours);
           print_side(r.bare);
           std::printf(" %7.3f   %s, dropped %.3f, busiest rank %.2fx mean, plan %.1f us\n",
@@ -531,7 +547,7 @@ int run(const MpiRuntime& mpi, int argc, char** argv) {
         }
         rows.push_back({{"routing", c.routing}, {"top_k", c.top_k},
                         {"capacity_factor", c.capacity_factor},
-                        {"tokens_per_rank", bytes / (sizeof(float) * o.hidden)},
+                        {"tokens_per_rank", bytes / (element_bytes * o.hidden)},
                         {"dropped_fraction", r.dropped_fraction},
                         {"busiest_rank_over_mean", r.max_over_mean},
                         {"plan_us", r.plan_us},

@@ -100,6 +100,16 @@ Buffer<float> random_buffer(Backend& backend, size_t n, double stddev, uint64_t 
   return buffer;
 }
 
+// The same values as activations (the layer's input and output gradient).
+ActBuffer random_activations(Backend& backend, size_t n, double stddev, uint64_t seed) {
+  Buffer<float> values = random_buffer(backend, n, stddev, seed);
+  std::vector<float> host(n);
+  backend.copy_to_host(host.data(), values.data(), n * sizeof(float));
+  ActBuffer buffer(backend, n);
+  backend.copy_act_from_host(buffer.data(), host.data(), n);
+  return buffer;
+}
+
 constexpr Phase kPhases[] = {Phase::kRouter, Phase::kPermute, Phase::kAllToAll,
                              Phase::kExpertGemm, Phase::kCombine};
 
@@ -137,10 +147,10 @@ RowResult run_row(const LayerOptions& o, Backend& backend, Communicator& world,
   Buffer<float> g_router(backend, size_t(E) * D), g_fc_w(backend, size_t(L) * F * D),
       g_fc_b(backend, size_t(L) * F), g_proj_w(backend, size_t(L) * D * F),
       g_proj_b(backend, size_t(L) * D);
-  Buffer<float> x = random_buffer(backend, size_t(T) * D, 1.0, seed + 4);     // (T, D)
-  Buffer<float> dout = random_buffer(backend, size_t(T) * D, 1e-3, seed + 5); // (T, D)
-  Buffer<float> out(backend, size_t(T) * D);                                   // (T, D)
-  Buffer<float> dx(backend, size_t(T) * D);                                    // (T, D)
+  ActBuffer x = random_activations(backend, size_t(T) * D, 1.0, seed + 4);     // (T, D)
+  ActBuffer dout = random_activations(backend, size_t(T) * D, 1e-3, seed + 5); // (T, D)
+  ActBuffer out(backend, size_t(T) * D);                                        // (T, D)
+  ActBuffer dx(backend, size_t(T) * D);                                         // (T, D)
   const SwitchWeights w{router.data(), fc_w.data(), fc_b.data(), proj_w.data(), proj_b.data()};
   const SwitchGrads g{g_router.data(), g_fc_w.data(), g_fc_b.data(), g_proj_w.data(),
                       g_proj_b.data()};

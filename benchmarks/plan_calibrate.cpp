@@ -71,11 +71,11 @@ Kernel linear_kernel(Backend& backend, std::string name, int N, int IC, int OC, 
   auto* b = &keep;
   return {std::move(name), 6.0 * N * IC * OC, per_step, [&backend, b, base, N, IC, OC] {
             auto& k = *b;
-            backend.linear_forward(k[base + 3].data(), k[base].data(), k[base + 1].data(),
-                                   k[base + 2].data(), N, IC, OC);
-            backend.linear_backward(k[base + 4].data(), k[base + 5].data(), k[base + 6].data(),
-                                    k[base + 3].data(), k[base].data(), k[base + 1].data(), N,
-                                    IC, OC);
+            backend.linear_forward(f32_act(k[base + 3].data()), f32_act(k[base].data()),
+                                   k[base + 1].data(), k[base + 2].data(), N, IC, OC);
+            backend.linear_backward(f32_act(k[base + 4].data()), k[base + 5].data(),
+                                    k[base + 6].data(), f32_act(k[base + 3].data()),
+                                    f32_act(k[base].data()), k[base + 1].data(), N, IC, OC);
           }, {}};
 }
 
@@ -100,12 +100,13 @@ Kernel grouped_kernel(Backend& backend, std::string name, int E, int rows, int I
   return {std::move(name), 6.0 * double(R) * IC * OC, per_step,
           [&backend, b, base, offsets_host, E, IC, OC] {
             auto& k = *b;
-            backend.grouped_linear_forward(k[base + 3].data(), k[base].data(), k[base + 1].data(),
-                                           k[base + 2].data(), offsets_host, E, IC, OC);
-            backend.grouped_linear_backward(k[base + 4].data(), k[base + 5].data(),
-                                            k[base + 6].data(), k[base + 3].data(),
-                                            k[base].data(), k[base + 1].data(), offsets_host, E,
-                                            IC, OC);
+            backend.grouped_linear_forward(f32_act(k[base + 3].data()), f32_act(k[base].data()),
+                                           k[base + 1].data(), k[base + 2].data(), offsets_host,
+                                           E, IC, OC);
+            backend.grouped_linear_backward(f32_act(k[base + 4].data()), k[base + 5].data(),
+                                            k[base + 6].data(), f32_act(k[base + 3].data()),
+                                            f32_act(k[base].data()), k[base + 1].data(),
+                                            offsets_host, E, IC, OC);
           }, {}};
 }
 
@@ -142,6 +143,8 @@ int run(int argc, char** argv) {
   work.model.validate();
   omp_set_num_threads(threads);
 
+  // The CPU backend: its activations are fp32, so the fp32 buffers below are handed to its
+  // ops as activations (f32_act).
   auto backend = make_cpu_backend();
   const ModelConfig& m = work.model;
   const int B = work.micro_batch_size, T = work.seq_length, N = B * T;
@@ -174,16 +177,19 @@ int run(int argc, char** argv) {
   Buffer<float> lse(*backend, size_t(B) * NH * T);                    // (B, NH, T)
   Buffer<float> dqkv(*backend, size_t(N) * 3 * C);                    // (B, T, 3C)
   Kernel attention{"attention", 12.0 * B * double(T) * T * C, double(m.num_layers), [&] {
-                     backend->attention_forward(att_out.data(), lse.data(), qkv.data(), B, T, C, NH);
-                     backend->attention_backward(dqkv.data(), att_out.data(), att_out.data(),
-                                                 qkv.data(), lse.data(), B, T, C, NH);
+                     backend->attention_forward(f32_act(att_out.data()), lse.data(),
+                                                f32_act(qkv.data()), B, T, C, NH);
+                     backend->attention_backward(f32_act(dqkv.data()), f32_act(att_out.data()),
+                                                 f32_act(att_out.data()), f32_act(qkv.data()),
+                                                 lse.data(), B, T, C, NH);
                    }, {}};
 
   const size_t stream_n = size_t{16} << 20;  // 64 MiB per array: beyond the caches
   Buffer<float> sa = random_buffer(*backend, stream_n, 8), sb = random_buffer(*backend, stream_n, 9);
   Buffer<float> sc(*backend, stream_n);
   Kernel stream{"add (stream)", 3.0 * stream_n * sizeof(float), 1,
-                [&] { backend->add(sc.data(), sa.data(), sb.data(), stream_n); }, {}};
+                [&] { backend->add(f32_act(sc.data()), f32_act(sa.data()), f32_act(sb.data()),
+                                   stream_n); }, {}};
 
   // Untimed first calls: oneDNN builds its kernels, pages fault in.
   for (Kernel& k : gemms) k.run();

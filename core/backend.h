@@ -4,6 +4,10 @@
 // without touching them. The CPU backend (core/cpu/) is the ground truth every other backend
 // is tested against. All pointers are backend memory; `_host` marks a pointer to host memory.
 //
+// Activations (`Act*`, core/activation.h) are in the backend's activation_type(): fp32 on the
+// CPU, bf16 on CUDA. Weights, weight gradients, optimizer state, the router's logits and
+// probabilities, layernorm and attention statistics and the losses are fp32 (`float*`).
+//
 // Conventions (llm.c): arguments go outputs, saved stats, inputs, weights, dims. Forward writes
 // its outputs; backward ACCUMULATES (+=) into every gradient it produces, so callers zero the
 // gradient buffers once per step. Rows are tokens; matrices are row-major; weights are
@@ -14,6 +18,8 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+
+#include "core/activation.h"
 
 namespace moe {
 
@@ -33,155 +39,173 @@ class Backend {
   virtual void fill_zero(void* ptr, size_t bytes) = 0;
   virtual void synchronize() = 0;
 
+  // ---- activations ---------------------------------------------------------------------
+  virtual ActType activation_type() const = 0;
+  // n activations to host floats and back (converted when the activation type is not fp32).
+  virtual void copy_act_to_host(float* dst_host, const Act* src, size_t n) = 0;
+  virtual void copy_act_from_host(Act* dst, const float* src_host, size_t n) = 0;
+
   // ---- elementwise ---------------------------------------------------------------------
   // out = a + b  (n)
-  virtual void add(float* out, const float* a, const float* b, size_t n) = 0;
+  virtual void add(Act* out, const Act* a, const Act* b, size_t n) = 0;
   // dst += src  (n)
-  virtual void accumulate(float* dst, const float* src, size_t n) = 0;
+  virtual void accumulate(Act* dst, const Act* src, size_t n) = 0;
   // x *= s  (n)
   virtual void scale(float* x, float s, size_t n) = 0;
   // sum of x^2 in double precision  (n)
   virtual double sum_squares(const float* x, size_t n) = 0;
   // true when every element is finite
   virtual bool all_finite(const float* x, size_t n) = 0;
-  // out = a * b elementwise  (n)
-  virtual void mul(float* out, const float* a, const float* b, size_t n) = 0;
+  // out = a * factors elementwise  (n); out may alias a
+  virtual void mul(Act* out, const Act* a, const float* factors, size_t n) = 0;
 
   // ---- embedding: out[b,t] = wte[idx[b,t]] + wpe[t] ------------------------------------
-  virtual void embedding_forward(float* out,        // (B,T,C)
+  virtual void embedding_forward(Act* out,          // (B,T,C)
                                  const int* idx,    // (B,T)
                                  const float* wte,  // (V,C)
                                  const float* wpe,  // (Tmax,C)
                                  int B, int T, int C) = 0;
   virtual void embedding_backward(float* dwte,         // (V,C)   +=
                                   float* dwpe,         // (Tmax,C) +=
-                                  const float* dout,   // (B,T,C)
+                                  const Act* dout,     // (B,T,C)
                                   const int* idx,      // (B,T)
                                   int B, int T, int C) = 0;
 
   // ---- layernorm over the last dim, eps 1e-5 --------------------------------------------
-  virtual void layernorm_forward(float* out,          // (N,C)
+  virtual void layernorm_forward(Act* out,            // (N,C)
                                  float* mean,         // (N)
                                  float* rstd,         // (N)
-                                 const float* inp,    // (N,C)
+                                 const Act* inp,      // (N,C)
                                  const float* weight, // (C)
                                  const float* bias,   // (C)
                                  int N, int C) = 0;
-  virtual void layernorm_backward(float* dinp,         // (N,C) +=
+  virtual void layernorm_backward(Act* dinp,           // (N,C) +=
                                   float* dweight,      // (C)   +=
                                   float* dbias,        // (C)   +=
-                                  const float* dout,   // (N,C)
-                                  const float* inp,    // (N,C)
+                                  const Act* dout,     // (N,C)
+                                  const Act* inp,      // (N,C)
                                   const float* weight, // (C)
                                   const float* mean,   // (N)
                                   const float* rstd,   // (N)
                                   int N, int C) = 0;
 
   // ---- linear: out = inp @ weight^T + bias ---------------------------------------------
-  virtual void linear_forward(float* out,          // (N,OC)
-                              const float* inp,    // (N,IC)
+  virtual void linear_forward(Act* out,            // (N,OC)
+                              const Act* inp,      // (N,IC)
                               const float* weight, // (OC,IC)
                               const float* bias,   // (OC) or nullptr
                               int N, int IC, int OC) = 0;
   // dinp, dbias may be nullptr (not wanted).
-  virtual void linear_backward(float* dinp,          // (N,IC)  +=
+  virtual void linear_backward(Act* dinp,            // (N,IC)  +=
                                float* dweight,       // (OC,IC) +=
                                float* dbias,         // (OC)    +=
-                               const float* dout,    // (N,OC)
-                               const float* inp,     // (N,IC)
+                               const Act* dout,      // (N,OC)
+                               const Act* inp,       // (N,IC)
                                const float* weight,  // (OC,IC)
                                int N, int IC, int OC) = 0;
 
   // ---- grouped linear over experts: rows [offsets[e], offsets[e+1]) use expert e ----------
-  virtual void grouped_linear_forward(float* out,          // (rows,OC)
-                                      const float* inp,    // (rows,IC)
+  virtual void grouped_linear_forward(Act* out,            // (rows,OC)
+                                      const Act* inp,      // (rows,IC)
                                       const float* weight, // (E,OC,IC)
                                       const float* bias,   // (E,OC)
                                       const int* offsets_host,  // (E+1)
                                       int E, int IC, int OC) = 0;
-  virtual void grouped_linear_backward(float* dinp,          // (rows,IC) +=
+  virtual void grouped_linear_backward(Act* dinp,            // (rows,IC) +=
                                        float* dweight,       // (E,OC,IC) +=
                                        float* dbias,         // (E,OC)    +=
-                                       const float* dout,    // (rows,OC)
-                                       const float* inp,     // (rows,IC)
+                                       const Act* dout,      // (rows,OC)
+                                       const Act* inp,       // (rows,IC)
                                        const float* weight,  // (E,OC,IC)
                                        const int* offsets_host,  // (E+1)
                                        int E, int IC, int OC) = 0;
 
   // ---- linear + bias + GELU: the dense FFN's c_fc, one op so a backend can fuse it -------
   // pre = inp @ weight^T + bias;  out = gelu(pre)   (gelu's tanh form, below)
-  virtual void linear_gelu_forward(float* pre,          // (N,OC) saved for the backward
-                                   float* out,          // (N,OC)
-                                   const float* inp,    // (N,IC)
+  virtual void linear_gelu_forward(Act* pre,            // (N,OC) saved for the backward
+                                   Act* out,            // (N,OC)
+                                   const Act* inp,      // (N,IC)
                                    const float* weight, // (OC,IC)
                                    const float* bias,   // (OC) or nullptr
                                    int N, int IC, int OC) = 0;
   // The backward of y = gelu(pre) @ weight^T + bias (the c_proj after c_fc's GELU), through
   // the GELU: dpre = gelu'(pre) * (dout @ weight) is WRITTEN (not accumulated); the weight and
   // bias gradients accumulate as in linear_backward, with act = gelu(pre) as the input.
-  virtual void gelu_linear_backward(float* dpre,          // (N,IC) written
+  virtual void gelu_linear_backward(Act* dpre,            // (N,IC) written
                                     float* dweight,       // (OC,IC) +=
                                     float* dbias,         // (OC)    += or nullptr
-                                    const float* dout,    // (N,OC)
-                                    const float* act,     // (N,IC) gelu(pre), c_proj's input
+                                    const Act* dout,      // (N,OC)
+                                    const Act* act,       // (N,IC) gelu(pre), c_proj's input
                                     const float* weight,  // (OC,IC)
-                                    const float* pre,     // (N,IC) gelu's input
+                                    const Act* pre,       // (N,IC) gelu's input
                                     int N, int IC, int OC) = 0;
   // The same two ops for the experts, grouped like grouped_linear: rows [offsets[e],
   // offsets[e+1]) use expert e, and only rows [offsets[0], offsets[E]) are touched.
-  virtual void grouped_linear_gelu_forward(float* pre,               // (rows,OC)
-                                           float* out,               // (rows,OC)
-                                           const float* inp,         // (rows,IC)
+  virtual void grouped_linear_gelu_forward(Act* pre,                 // (rows,OC)
+                                           Act* out,                 // (rows,OC)
+                                           const Act* inp,           // (rows,IC)
                                            const float* weight,      // (E,OC,IC)
                                            const float* bias,        // (E,OC) or nullptr
                                            const int* offsets_host,  // (E+1)
                                            int E, int IC, int OC) = 0;
-  virtual void gelu_grouped_linear_backward(float* dpre,              // (rows,IC) written
+  virtual void gelu_grouped_linear_backward(Act* dpre,                // (rows,IC) written
                                             float* dweight,           // (E,OC,IC) +=
                                             float* dbias,             // (E,OC)    += or nullptr
-                                            const float* dout,        // (rows,OC)
-                                            const float* act,         // (rows,IC) gelu(pre)
+                                            const Act* dout,          // (rows,OC)
+                                            const Act* act,           // (rows,IC) gelu(pre)
                                             const float* weight,      // (E,OC,IC)
-                                            const float* pre,         // (rows,IC)
+                                            const Act* pre,           // (rows,IC)
                                             const int* offsets_host,  // (E+1)
                                             int E, int IC, int OC) = 0;
 
   // ---- GELU, tanh form -----------------------------------------------------------------
-  virtual void gelu_forward(float* out, const float* inp, size_t n) = 0;
-  virtual void gelu_backward(float* dinp,        // (n) +=
-                             const float* inp,   // (n)
-                             const float* dout,  // (n)
+  virtual void gelu_forward(Act* out, const Act* inp, size_t n) = 0;
+  virtual void gelu_backward(Act* dinp,          // (n) +=
+                             const Act* inp,     // (n)
+                             const Act* dout,    // (n)
                              size_t n) = 0;
 
   // ---- causal self-attention ------------------------------------------------------------
   // qkv rows hold q | k | v, each C wide; head h is columns h*hd..(h+1)*hd of each.
   // P = softmax(mask(q k^T / sqrt(hd))), out = P v. Flash-attention style: the forward saves
   // only lse, the logsumexp of each row's scaled, masked scores; the backward recomputes P.
-  virtual void attention_forward(float* out,        // (B,T,C)
+  virtual void attention_forward(Act* out,          // (B,T,C)
                                  float* lse,        // (B,NH,T) saved
-                                 const float* qkv,  // (B,T,3C)
+                                 const Act* qkv,    // (B,T,3C)
                                  int B, int T, int C, int NH) = 0;
-  virtual void attention_backward(float* dqkv,        // (B,T,3C) +=
-                                  const float* dout,  // (B,T,C)
-                                  const float* out,   // (B,T,C) the forward's output
-                                  const float* qkv,   // (B,T,3C)
+  virtual void attention_backward(Act* dqkv,          // (B,T,3C) +=
+                                  const Act* dout,    // (B,T,C)
+                                  const Act* out,     // (B,T,C) the forward's output
+                                  const Act* qkv,     // (B,T,3C)
                                   const float* lse,   // (B,NH,T) the forward's
                                   int B, int T, int C, int NH) = 0;
 
   // ---- softmax cross-entropy ------------------------------------------------------------
   // losses[i] = logsumexp(logits[i]) - logits[i, targets[i]]; probs = softmax(logits).
   virtual void crossentropy_forward(float* losses,        // (N)
-                                    float* probs,         // (N,V) may alias logits
-                                    const float* logits,  // (N,V)
+                                    Act* probs,           // (N,V) may alias logits
+                                    const Act* logits,    // (N,V)
                                     const int* targets,   // (N)
                                     int N, int V) = 0;
   // dlogits = (probs - onehot(target)) * dloss (written, not accumulated; may alias probs).
-  virtual void crossentropy_backward(float* dlogits,       // (N,V)
-                                     const float* probs,   // (N,V)
+  virtual void crossentropy_backward(Act* dlogits,         // (N,V)
+                                     const Act* probs,     // (N,V)
                                      const int* targets,   // (N)
                                      float dloss, int N, int V) = 0;
 
-  // ---- router ---------------------------------------------------------------------------
+  // ---- router (fp32 throughout: DESIGN.md's selective precision) -------------------------
+  // logits = inp @ weight^T, computed and stored in fp32 from the activations.
+  virtual void router_logits_forward(float* logits,        // (N,E)
+                                     const Act* inp,       // (N,D)
+                                     const float* weight,  // (E,D)
+                                     int N, int D, int E) = 0;
+  // dinp (may be nullptr) and dweight accumulate, as in linear_backward.
+  virtual void router_logits_backward(Act* dinp,             // (N,D) +=
+                                      float* dweight,        // (E,D) +=
+                                      const float* dlogits,  // (N,E)
+                                      const Act* inp,        // (N,D)
+                                      const float* weight,   // (E,D)
+                                      int N, int D, int E) = 0;
   // probs = softmax(logits), lse = logsumexp(logits), per row.
   virtual void softmax_forward(float* probs,         // (N,E)
                                float* lse,           // (N)
@@ -227,26 +251,26 @@ class Backend {
 
   // ---- token permutation ----------------------------------------------------------------
   // out[r] = inp[row_idx[r]]   (row_idx on host)
-  virtual void gather_rows(float* out,              // (rows,D)
-                           const float* inp,        // (N,D)
+  virtual void gather_rows(Act* out,                // (rows,D)
+                           const Act* inp,          // (N,D)
                            const int* row_idx_host, // (rows)
                            int rows, int D) = 0;
   // dinp[row_idx[r]] += dout[r]
-  virtual void scatter_add_rows(float* dinp,             // (N,D) +=
-                                const float* dout,       // (rows,D)
+  virtual void scatter_add_rows(Act* dinp,               // (N,D) +=
+                                const Act* dout,         // (rows,D)
                                 const int* row_idx_host, // (rows)
                                 int rows, int D) = 0;
   // out[t] = sum_k gates[t,k] * y[row[t,k]] over k with row[t,k] >= 0; no kept choice -> 0.
-  virtual void combine_forward(float* out,              // (N,D)
-                               const float* y,          // (rows,D)
+  virtual void combine_forward(Act* out,                // (N,D)
+                               const Act* y,            // (rows,D)
                                const float* gates,      // (N,K)
                                const int* row_host,     // (N,K)
                                int N, int K, int D) = 0;
   // dy[row] += gates * dout[t];  dgates[t,k] += dot(dout[t], y[row]).
-  virtual void combine_backward(float* dy,               // (rows,D) +=
+  virtual void combine_backward(Act* dy,                 // (rows,D) +=
                                 float* dgates,           // (N,K)    +=
-                                const float* dout,       // (N,D)
-                                const float* y,          // (rows,D)
+                                const Act* dout,         // (N,D)
+                                const Act* y,            // (rows,D)
                                 const float* gates,      // (N,K)
                                 const int* row_host,     // (N,K)
                                 int N, int K, int D) = 0;
@@ -259,10 +283,10 @@ class Backend {
                             int step) = 0;
 };
 
-// The CPU backend: fp32, oneDNN GEMMs, OpenMP elementwise work.
+// The CPU backend: fp32 everywhere (activations too), oneDNN GEMMs, OpenMP elementwise work.
 std::unique_ptr<Backend> make_cpu_backend();
 
-// The CUDA backend on GPU `device` (core/cuda/: bf16 cuBLASLt GEMMs, fp32 router and the rest).
+// The CUDA backend on GPU `device` (core/cuda/: bf16 activations and cuBLASLt GEMMs, fp32 router).
 // Throws RuntimeError when this build has no CUDA or the GPU is missing.
 std::unique_ptr<Backend> make_cuda_backend(int device);
 // Empty when this build has CUDA and sees a GPU; otherwise why not ("no CUDA device: ...").

@@ -48,4 +48,25 @@ class Buffer {
   size_t count_ = 0;
 };
 
+// Activation memory (core/activation.h): `count` elements of the backend's activation type.
+class ActBuffer {
+ public:
+  ActBuffer() = default;
+  ActBuffer(Backend& backend, size_t count)
+      : type_(backend.activation_type()),
+        bytes_(backend, count * act_bytes(type_)),
+        count_(count) {}
+
+  Act* data() { return reinterpret_cast<Act*>(bytes_.data()); }
+  const Act* data() const { return reinterpret_cast<const Act*>(bytes_.data()); }
+  size_t size() const { return count_; }
+  ActType type() const { return type_; }
+  void zero() { bytes_.zero(); }
+
+ private:
+  ActType type_ = ActType::kF32;
+  Buffer<unsigned char> bytes_;
+  size_t count_ = 0;
+};
+
 }  // namespace moe

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "core/activation.h"
+
 namespace moe {
 
 // A collective started without waiting (bucketed gradient reduction overlaps backward).
@@ -49,6 +51,15 @@ class Communicator {
                                 const std::vector<int64_t>& recv_displs, const float* send,
                                 const std::vector<int64_t>& send_counts,
                                 const std::vector<int64_t>& send_displs) = 0;
+  // The same three collectives on activations (core/activation.h) of `type`, counts and
+  // displacements in elements. The MPI communicator carries fp32 activations only (the CPU
+  // backend's); bf16 ones are device memory and go through NCCL.
+  virtual void allreduce_sum(Act* data, size_t count, ActType type) = 0;
+  virtual void allgather(Act* recv, const Act* send, size_t count, ActType type) = 0;
+  virtual void alltoallv_placed(Act* recv, const std::vector<int64_t>& recv_counts,
+                                const std::vector<int64_t>& recv_displs, const Act* send,
+                                const std::vector<int64_t>& send_counts,
+                                const std::vector<int64_t>& send_displs, ActType type) = 0;
   // recv_counts[p] = the count peer p put at send_counts[rank()]: every rank sends `per_peer`
   // ints to every peer.  send, recv: (size * per_peer)
   virtual void alltoall(int* recv, const int* send, size_t per_peer) = 0;

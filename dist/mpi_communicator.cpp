@@ -112,6 +112,23 @@ class MpiCommunicator final : public Communicator {
                         rdispls.data(), MPI_FLOAT, comm_),
           "all-to-all");
   }
+  // fp32 activations are the float collectives; bf16 ones only exist in device memory.
+  void allreduce_sum(Act* data, size_t count, ActType type) override {
+    require_f32(type, "all-reduce");
+    allreduce_sum(act_f32(data), count);
+  }
+  void allgather(Act* recv, const Act* send, size_t count, ActType type) override {
+    require_f32(type, "all-gather");
+    allgather(act_f32(recv), act_f32(send), count);
+  }
+  void alltoallv_placed(Act* recv, const std::vector<int64_t>& recv_counts,
+                        const std::vector<int64_t>& recv_displs, const Act* send,
+                        const std::vector<int64_t>& send_counts,
+                        const std::vector<int64_t>& send_displs, ActType type) override {
+    require_f32(type, "all-to-all");
+    alltoallv_placed(act_f32(recv), recv_counts, recv_displs, act_f32(send), send_counts,
+                     send_displs);
+  }
   void alltoall(int* recv, const int* send, size_t per_peer) override {
     const WatchedCollective watch("all-to-all (counts)");
     check(MPI_Alltoall(send, checked_count(per_peer), MPI_INT, recv, checked_count(per_peer),
@@ -156,6 +173,13 @@ class MpiCommunicator final : public Communicator {
     return static_cast<int>(count);
   }
   int checked_count(size_t count) const { return checked_count(static_cast<int64_t>(count)); }
+
+  void require_f32(ActType type, const char* operation) const {
+    if (type != ActType::kF32)
+      throw RuntimeError("rank " + std::to_string(world_rank_) + ": MPI " + operation + " of " +
+                         act_type_name(type) + " activations: they live in device memory and "
+                         "need the NCCL communicator (--device cuda)");
+  }
 
   void check(int code, const char* operation) const {
     if (code == MPI_SUCCESS) return;

@@ -93,27 +93,19 @@ class NcclCommunicator final : public Communicator {
 
   void allreduce_sum(float* data, size_t count) override {
     if (!is_device_pointer(data)) return host_->allreduce_sum(data, count);
-    run("all-reduce", [&] {
-      return ncclAllReduce(data, data, count, ncclFloat32, ncclSum, comm_, stream_);
-    })->wait();
+    device_allreduce(data, count, ncclFloat32, ncclSum);
   }
   void allreduce_sum(double* data, size_t count) override {
     if (!is_device_pointer(data)) return host_->allreduce_sum(data, count);
-    run("all-reduce", [&] {
-      return ncclAllReduce(data, data, count, ncclFloat64, ncclSum, comm_, stream_);
-    })->wait();
+    device_allreduce(data, count, ncclFloat64, ncclSum);
   }
   void allreduce_sum(long long* data, size_t count) override {
     if (!is_device_pointer(data)) return host_->allreduce_sum(data, count);
-    run("all-reduce", [&] {
-      return ncclAllReduce(data, data, count, ncclInt64, ncclSum, comm_, stream_);
-    })->wait();
+    device_allreduce(data, count, ncclInt64, ncclSum);
   }
   void allreduce_max(int* data, size_t count) override {
     if (!is_device_pointer(data)) return host_->allreduce_max(data, count);
-    run("all-reduce", [&] {
-      return ncclAllReduce(data, data, count, ncclInt32, ncclMax, comm_, stream_);
-    })->wait();
+    device_allreduce(data, count, ncclInt32, ncclMax);
   }
   std::unique_ptr<PendingCollective> allreduce_sum_async(float* data, size_t count) override {
     if (!is_device_pointer(data)) return host_->allreduce_sum_async(data, count);
@@ -124,9 +116,7 @@ class NcclCommunicator final : public Communicator {
   }
   void allgather(float* recv, const float* send, size_t count) override {
     if (!device_pair(recv, send, "all-gather")) return host_->allgather(recv, send, count);
-    run("all-gather", [&] {
-      return ncclAllGather(send, recv, count, ncclFloat32, comm_, stream_);
-    })->wait();
+    device_allgather(recv, send, count, ncclFloat32);
   }
   void reduce_scatter_sum(float* recv, const float* send, size_t count) override {
     if (!device_pair(recv, send, "reduce-scatter"))
@@ -154,22 +144,27 @@ class NcclCommunicator final : public Communicator {
     if (!device_pair(recv, send, "all-to-all"))
       return host_->alltoallv_placed(recv, recv_counts, recv_displs, send, send_counts,
                                      send_displs);
-    run("all-to-all", [&] {
-      // One group of point-to-point calls: NCCL runs them as one all-to-all.
-      ncclResult_t result = ncclGroupStart();
-      if (result != ncclSuccess) return result;
-      for (int peer = 0; peer < size(); ++peer) {
-        if (send_counts[peer] > 0)
-          result = ncclSend(send + send_displs[peer], send_counts[peer], ncclFloat32, peer, comm_,
-                            stream_);
-        if ((result == ncclSuccess || result == ncclInProgress) && recv_counts[peer] > 0)
-          result = ncclRecv(recv + recv_displs[peer], recv_counts[peer], ncclFloat32, peer, comm_,
-                            stream_);
-        if (result != ncclSuccess && result != ncclInProgress) break;
-      }
-      const ncclResult_t end = ncclGroupEnd();
-      return result != ncclSuccess && result != ncclInProgress ? result : end;
-    })->wait();
+    device_alltoallv_placed(recv, recv_counts, recv_displs, send, send_counts, send_displs,
+                            ncclFloat32, sizeof(float));
+  }
+  // Activations: the same NCCL calls in the activation type (fp32 or bf16).
+  void allreduce_sum(Act* data, size_t count, ActType type) override {
+    if (!is_device_pointer(data)) return host_->allreduce_sum(data, count, type);
+    device_allreduce(data, count, nccl_type(type), ncclSum);
+  }
+  void allgather(Act* recv, const Act* send, size_t count, ActType type) override {
+    if (!device_pair(recv, send, "all-gather")) return host_->allgather(recv, send, count, type);
+    device_allgather(recv, send, count, nccl_type(type));
+  }
+  void alltoallv_placed(Act* recv, const std::vector<int64_t>& recv_counts,
+                        const std::vector<int64_t>& recv_displs, const Act* send,
+                        const std::vector<int64_t>& send_counts,
+                        const std::vector<int64_t>& send_displs, ActType type) override {
+    if (!device_pair(recv, send, "all-to-all"))
+      return host_->alltoallv_placed(recv, recv_counts, recv_displs, send, send_counts,
+                                     send_displs, type);
+    device_alltoallv_placed(recv, recv_counts, recv_displs, send, send_counts, send_displs,
+                            nccl_type(type), act_bytes(type));
   }
   void alltoall(int* recv, const int* send, size_t per_peer) override {
     if (!device_pair(recv, send, "all-to-all")) return host_->alltoall(recv, send, per_peer);
@@ -249,6 +244,48 @@ class NcclCommunicator final : public Communicator {
               std::string(operation) + ": send and receive buffers must both be device or host memory");
     return recv_device;
   }
+  static ncclDataType_t nccl_type(ActType type) {
+    return type == ActType::kF32 ? ncclFloat32 : ncclBfloat16;
+  }
+  // The device halves of the collectives, for any element type: the float and activation
+  // overloads differ only in `type` (and its width).
+  // data (count) = the reduction `op` over ranks, in place.
+  void device_allreduce(void* data, size_t count, ncclDataType_t type, ncclRedOp_t op) {
+    run("all-reduce", [&] {
+      return ncclAllReduce(data, data, count, type, op, comm_, stream_);
+    })->wait();
+  }
+  // recv (size*count) = every rank's `count` elements of `type`, in rank order.
+  void device_allgather(void* recv, const void* send, size_t count, ncclDataType_t type) {
+    run("all-gather", [&] {
+      return ncclAllGather(send, recv, count, type, comm_, stream_);
+    })->wait();
+  }
+  // Counts and displacements in elements of `type`, `element_bytes` wide.
+  void device_alltoallv_placed(void* recv, const std::vector<int64_t>& recv_counts,
+                               const std::vector<int64_t>& recv_displs, const void* send,
+                               const std::vector<int64_t>& send_counts,
+                               const std::vector<int64_t>& send_displs, ncclDataType_t type,
+                               size_t element_bytes) {
+    char* recv_bytes = static_cast<char*>(recv);
+    const char* send_bytes = static_cast<const char*>(send);
+    run("all-to-all", [&] {
+      // One group of point-to-point calls: NCCL runs them as one all-to-all.
+      ncclResult_t result = ncclGroupStart();
+      if (result != ncclSuccess) return result;
+      for (int peer = 0; peer < size(); ++peer) {
+        if (send_counts[peer] > 0)
+          result = ncclSend(send_bytes + send_displs[peer] * element_bytes, send_counts[peer],
+                            type, peer, comm_, stream_);
+        if ((result == ncclSuccess || result == ncclInProgress) && recv_counts[peer] > 0)
+          result = ncclRecv(recv_bytes + recv_displs[peer] * element_bytes, recv_counts[peer],
+                            type, peer, comm_, stream_);
+        if (result != ncclSuccess && result != ncclInProgress) break;
+      }
+      const ncclResult_t end = ncclGroupEnd();
+      return result != ncclSuccess && result != ncclInProgress ? result : end;
+    })->wait();
+  }
   template <typename Enqueue>
   std::unique_ptr<NcclPending> run(const char* operation, Enqueue&& enqueue,
                                    bool order_default_stream = true) {
@@ -310,6 +347,19 @@ class DeviceSelfCommunicator final : public Communicator {
                         const std::vector<int64_t>& send_displs) override {
     copy(recv + recv_displs[0], send + send_displs[0],
          static_cast<size_t>(send_counts[0]) * sizeof(float));
+  }
+  // Activations of any type: the same copies, in bytes.
+  void allreduce_sum(Act*, size_t, ActType) override {}
+  void allgather(Act* recv, const Act* send, size_t count, ActType type) override {
+    copy(recv, send, count * act_bytes(type));
+  }
+  void alltoallv_placed(Act* recv, const std::vector<int64_t>&,
+                        const std::vector<int64_t>& recv_displs, const Act* send,
+                        const std::vector<int64_t>& send_counts,
+                        const std::vector<int64_t>& send_displs, ActType type) override {
+    copy(act_at(recv, static_cast<size_t>(recv_displs[0]), type),
+         act_at(send, static_cast<size_t>(send_displs[0]), type),
+         static_cast<size_t>(send_counts[0]) * act_bytes(type));
   }
   void alltoall(int* recv, const int* send, size_t per_peer) override {
     copy(recv, send, per_peer * sizeof(int));

@@ -41,6 +41,19 @@ class SelfCommunicator final : public Communicator {
     const float* from = send + send_displs[0];
     std::copy(from, from + send_counts[0], recv + recv_displs[0]);
   }
+  // Activations of any type: the same copies, in bytes.
+  void allreduce_sum(Act*, size_t, ActType) override {}
+  void allgather(Act* recv, const Act* send, size_t count, ActType type) override {
+    copy_bytes(recv, send, count * act_bytes(type));
+  }
+  void alltoallv_placed(Act* recv, const std::vector<int64_t>&,
+                        const std::vector<int64_t>& recv_displs, const Act* send,
+                        const std::vector<int64_t>& send_counts,
+                        const std::vector<int64_t>& send_displs, ActType type) override {
+    copy_bytes(act_at(recv, static_cast<size_t>(recv_displs[0]), type),
+               act_at(send, static_cast<size_t>(send_displs[0]), type),
+               static_cast<size_t>(send_counts[0]) * act_bytes(type));
+  }
   void alltoall(int* recv, const int* send, size_t per_peer) override {
     std::copy(send, send + per_peer, recv);
   }
@@ -50,6 +63,11 @@ class SelfCommunicator final : public Communicator {
     return {std::vector<char>(begin, begin + bytes)};
   }
   void barrier() override {}
+
+ private:
+  static void copy_bytes(void* dst, const void* src, size_t bytes) {
+    if (bytes > 0 && dst != src) std::memcpy(dst, src, bytes);  // in place: nothing to move
+  }
 };
 
 }  // namespace

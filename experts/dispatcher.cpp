@@ -62,16 +62,19 @@ std::vector<int64_t> times(const std::vector<int64_t>& rows, int D) {
 
 }  // namespace
 
-void ExpertDispatcher::dispatch(const DispatchHandle& h, float* x_local, const float* x_RD, int D) {
+void ExpertDispatcher::dispatch(const DispatchHandle& h, Act* x_local, const Act* x_RD, int D) {
+  const ActType type = backend_.activation_type();
   for (const DispatchHandle::Round& round : h.rounds)
     ep_group_.alltoallv_placed(x_local, times(round.recv_rows, D), times(round.recv_first, D),
-                               x_RD, times(round.send_rows, D), times(round.send_first, D));
+                               x_RD, times(round.send_rows, D), times(round.send_first, D), type);
 }
 
-void ExpertDispatcher::combine(const DispatchHandle& h, float* y_RD, const float* y_local, int D) {
+void ExpertDispatcher::combine(const DispatchHandle& h, Act* y_RD, const Act* y_local, int D) {
+  const ActType type = backend_.activation_type();
   for (const DispatchHandle::Round& round : h.rounds)
     ep_group_.alltoallv_placed(y_RD, times(round.send_rows, D), times(round.send_first, D),
-                               y_local, times(round.recv_rows, D), times(round.recv_first, D));
+                               y_local, times(round.recv_rows, D), times(round.recv_first, D),
+                               type);
 }
 
 }  // namespace moe

@@ -39,9 +39,9 @@ class ExpertDispatcher {
   // row exchange.
   DispatchHandle plan(const int* counts_E) const;
   // x_local (R_local, D) in local-expert order <- x_RD (R, D) in global expert order.
-  void dispatch(const DispatchHandle& handle, float* x_local, const float* x_RD, int D);
+  void dispatch(const DispatchHandle& handle, Act* x_local, const Act* x_RD, int D);
   // y_RD (R, D) in global expert order <- y_local (R_local, D): the reverse exchange.
-  void combine(const DispatchHandle& handle, float* y_RD, const float* y_local, int D);
+  void combine(const DispatchHandle& handle, Act* y_RD, const Act* y_local, int D);
 
   int num_local_experts() const { return num_local_experts_; }
   int ep_size() const { return ep_group_.size(); }

@@ -39,31 +39,31 @@ SwitchLayer::SwitchLayer(Backend& backend, const SwitchShape& shape, const Switc
                K = shape.top_k, T = (N + groups.tp.size() - 1) / groups.tp.size(), R = T * K,
                L = R * groups.ep.size();  // at most every EP peer's rows land here
   noise_TD_ = Buffer<float>(backend, T * D);
-  x_router_TD_ = Buffer<float>(backend, T * D);
+  x_router_TD_ = ActBuffer(backend, T * D);
   logits_TE_ = Buffer<float>(backend, T * E);
   probs_TE_ = Buffer<float>(backend, T * E);
   lse_T_ = Buffer<float>(backend, T);
   expert_idx_TK_ = Buffer<int>(backend, T * K);
   gates_TK_ = Buffer<float>(backend, T * K);
-  x_RD_ = Buffer<float>(backend, R * D);
-  x_LD_ = Buffer<float>(backend, L * D);
-  h_LF_ = Buffer<float>(backend, L * F);
-  a_LF_ = Buffer<float>(backend, L * F);
-  y_LD_ = Buffer<float>(backend, L * D);
-  y_RD_ = Buffer<float>(backend, R * D);
-  dy_RD_ = Buffer<float>(backend, R * D);
-  dy_LD_ = Buffer<float>(backend, L * D);
-  dh_LF_ = Buffer<float>(backend, L * F);
-  dx_LD_ = Buffer<float>(backend, L * D);
-  dx_RD_ = Buffer<float>(backend, R * D);
+  x_RD_ = ActBuffer(backend, R * D);
+  x_LD_ = ActBuffer(backend, L * D);
+  h_LF_ = ActBuffer(backend, L * F);
+  a_LF_ = ActBuffer(backend, L * F);
+  y_LD_ = ActBuffer(backend, L * D);
+  y_RD_ = ActBuffer(backend, R * D);
+  dy_RD_ = ActBuffer(backend, R * D);
+  dy_LD_ = ActBuffer(backend, L * D);
+  dh_LF_ = ActBuffer(backend, L * F);
+  dx_LD_ = ActBuffer(backend, L * D);
+  dx_RD_ = ActBuffer(backend, R * D);
   dgates_TK_ = Buffer<float>(backend, T * K);
   dprobs_TE_ = Buffer<float>(backend, T * E);
   dlogits_TE_ = Buffer<float>(backend, T * E);
-  dx_router_TD_ = Buffer<float>(backend, T * D);
+  dx_router_TD_ = ActBuffer(backend, T * D);
   if (groups.tp.size() > 1) {
-    out_TD_ = Buffer<float>(backend, T * D);
-    dx_TD_ = Buffer<float>(backend, T * D);
-    dx_ND_ = Buffer<float>(backend, N * D);
+    out_TD_ = ActBuffer(backend, T * D);
+    dx_TD_ = ActBuffer(backend, T * D);
+    dx_ND_ = ActBuffer(backend, N * D);
   }
   expert_idx_host_.resize(T * K);
   slot_TK_.resize(T * K);
@@ -75,9 +75,9 @@ SwitchLayer::SwitchLayer(Backend& backend, const SwitchShape& shape, const Switc
 }
 
 // Router: logits = x_router @ W_r^T in fp32, softmax, top-k, capacity.
-void SwitchLayer::route(const float* x, const SwitchWeights& w, const RoutingOptions& options) {
+void SwitchLayer::route(const Act* x, const SwitchWeights& w, const RoutingOptions& options) {
   const int T = num_routed_, D = shape_.hidden, E = shape_.num_experts, K = shape_.top_k;
-  const float* router_input = x;
+  const Act* router_input = x;
   jitter_ = options.jitter_eps > 0.0;
   if (jitter_) {
     // The jitter multiplies the router's input alone; the experts see the clean x. Each
@@ -101,7 +101,7 @@ void SwitchLayer::route(const float* x, const SwitchWeights& w, const RoutingOpt
     backend_.mul(x_router_TD_.data(), x, noise_TD_.data(), static_cast<size_t>(T) * D);
     router_input = x_router_TD_.data();
   }
-  backend_.linear_forward(logits_TE_.data(), router_input, w.router, nullptr, T, D, E);
+  backend_.router_logits_forward(logits_TE_.data(), router_input, w.router, T, D, E);
   backend_.softmax_forward(probs_TE_.data(), lse_T_.data(), logits_TE_.data(), T, E);
   backend_.topk_forward(expert_idx_TK_.data(), gates_TK_.data(), probs_TE_.data(), T, E, K);
   const int capacity = expert_capacity(options.capacity_factor, T, K, E);
@@ -133,7 +133,7 @@ void SwitchLayer::permute(const RoutingOptions&) {
   }
 }
 
-void SwitchLayer::forward(float* out, const float* x_ND, const SwitchWeights& w, int num_tokens,
+void SwitchLayer::forward(Act* out, const Act* x_ND, const SwitchWeights& w, int num_tokens,
                           const RoutingOptions& options) {
   const int tp = groups_.tp.size();
   MOE_CHECK(num_tokens <= shape_.max_tokens, "micro-batch larger than the layer was sized for");
@@ -142,7 +142,8 @@ void SwitchLayer::forward(float* out, const float* x_ND, const SwitchWeights& w,
   num_routed_ = num_tokens / tp;
   const int T = num_routed_, D = shape_.hidden, F = shape_.ffn, E = shape_.num_experts,
             K = shape_.top_k;
-  const float* x = x_ND + static_cast<size_t>(groups_.tp.rank()) * T * D;  // (T, D) my slice
+  const ActType type = backend_.activation_type();
+  const Act* x = act_at(x_ND, static_cast<size_t>(groups_.tp.rank()) * T * D, type);  // (T, D) mine
   {
     ScopedPhase phase(*times_, Phase::kRouter);
     route(x, w, options);
@@ -174,9 +175,9 @@ void SwitchLayer::forward(float* out, const float* x_ND, const SwitchWeights& w,
   }
   {
     ScopedPhase phase(*times_, Phase::kCombine);
-    float* out_TD = tp > 1 ? out_TD_.data() : out;
+    Act* out_TD = tp > 1 ? out_TD_.data() : out;
     backend_.combine_forward(out_TD, y_RD_.data(), gates_TK_.data(), row_TK_.data(), T, K, D);
-    if (tp > 1) groups_.tp.allgather(out, out_TD, static_cast<size_t>(T) * D);
+    if (tp > 1) groups_.tp.allgather(out, out_TD, static_cast<size_t>(T) * D, type);
   }
 
   // Statistics for the auxiliary losses, summed over every rank of the micro-step, packed in
@@ -197,17 +198,18 @@ void SwitchLayer::forward(float* out, const float* x_ND, const SwitchWeights& w,
   stats_.lse_squared_sum = packed[3 * E + 1];
 }
 
-void SwitchLayer::backward(float* dx_ND, const SwitchGrads& g, const float* dout_ND,
-                           const float* x_ND, const SwitchWeights& w, float aux_scale,
+void SwitchLayer::backward(Act* dx_ND, const SwitchGrads& g, const Act* dout_ND,
+                           const Act* x_ND, const SwitchWeights& w, float aux_scale,
                            float z_scale) {
   const int tp = groups_.tp.size(), N = num_tokens_, T = num_routed_, D = shape_.hidden,
             F = shape_.ffn, E = shape_.num_experts, K = shape_.top_k, R = num_rows_,
             E_local = dispatcher_.num_local_experts();
   const int* local_offsets = handle_.local_offsets.data();
+  const ActType type = backend_.activation_type();
   const size_t slice = static_cast<size_t>(groups_.tp.rank()) * T * D;
-  const float* dout = dout_ND + slice;  // (T, D)
-  const float* x = x_ND + slice;        // (T, D)
-  float* dx = dx_ND;                    // (T, D) +=, my slice of dx
+  const Act* dout = act_at(dout_ND, slice, type);  // (T, D)
+  const Act* x = act_at(x_ND, slice, type);        // (T, D)
+  Act* dx = dx_ND;                                 // (T, D) +=, my slice of dx
   if (tp > 1) {
     dx_TD_.zero();
     dx = dx_TD_.data();
@@ -265,18 +267,18 @@ void SwitchLayer::backward(float* dx_ND, const SwitchGrads& g, const float* dout
 
   // logits = x_router @ W_r^T, and x_router = x * noise when jittered.
   if (!jitter_) {
-    backend_.linear_backward(dx, g.router, nullptr, dlogits_TE_.data(), x, w.router, T, D, E);
+    backend_.router_logits_backward(dx, g.router, dlogits_TE_.data(), x, w.router, T, D, E);
   } else {
     dx_router_TD_.zero();
-    backend_.linear_backward(dx_router_TD_.data(), g.router, nullptr, dlogits_TE_.data(),
-                             x_router_TD_.data(), w.router, T, D, E);
+    backend_.router_logits_backward(dx_router_TD_.data(), g.router, dlogits_TE_.data(),
+                                    x_router_TD_.data(), w.router, T, D, E);
     backend_.mul(dx_router_TD_.data(), dx_router_TD_.data(), noise_TD_.data(),
                  static_cast<size_t>(T) * D);
     backend_.accumulate(dx, dx_router_TD_.data(), static_cast<size_t>(T) * D);
   }
   if (tp > 1) {
     // Every tp rank needs the whole dx: it continues into the replicated ln_2.
-    groups_.tp.allgather(dx_ND_.data(), dx, static_cast<size_t>(T) * D);
+    groups_.tp.allgather(dx_ND_.data(), dx, static_cast<size_t>(T) * D, type);
     backend_.accumulate(dx_ND, dx_ND_.data(), static_cast<size_t>(N) * D);
   }
 }

@@ -91,16 +91,16 @@ class SwitchLayer {
 
   // out = sum over kept choices of g * expert(x), for all N tokens. The routing statistics are
   // summed over the stats group, so the losses do not depend on the layout.
-  void forward(float* out,            // (N, D)
-               const float* x,        // (N, D) the ln_2 output
+  void forward(Act* out,              // (N, D)
+               const Act* x,          // (N, D) the ln_2 output
                const SwitchWeights& w, int num_tokens, const RoutingOptions& options);
 
   // Accumulates dx and every weight gradient. aux_scale and z_scale are d(total loss)/d(lb)
   // and d(total loss)/d(z) for this micro-step (coefficient / number of micro-steps).
-  void backward(float* dx,            // (N, D) +=
+  void backward(Act* dx,              // (N, D) +=
                 const SwitchGrads& g,
-                const float* dout,    // (N, D)
-                const float* x,       // (N, D)
+                const Act* dout,      // (N, D)
+                const Act* x,         // (N, D)
                 const SwitchWeights& w, float aux_scale, float z_scale);
 
   const RouterStats& stats() const { return stats_; }
@@ -109,7 +109,7 @@ class SwitchLayer {
   const std::vector<int>& row_host() const { return row_TK_; }
 
  private:
-  void route(const float* x, const SwitchWeights& w, const RoutingOptions& options);
+  void route(const Act* x, const SwitchWeights& w, const RoutingOptions& options);
   void permute(const RoutingOptions& options);
 
   Backend& backend_;
@@ -125,19 +125,19 @@ class SwitchLayer {
 
   // forward, saved for backward
   Buffer<float> noise_TD_;       // (T, D) jitter multipliers
-  Buffer<float> x_router_TD_;    // (T, D) the jittered router input
+  ActBuffer x_router_TD_;        // (T, D) the jittered router input
   Buffer<float> logits_TE_;      // (T, E)
   Buffer<float> probs_TE_;       // (T, E)
   Buffer<float> lse_T_;          // (T)
   Buffer<int> expert_idx_TK_;    // (T, K)
   Buffer<float> gates_TK_;       // (T, K)
-  Buffer<float> x_RD_;           // (T*K, D) tokens in global expert order
-  Buffer<float> x_LD_;           // (ep*T*K, D) rows received for the local experts
-  Buffer<float> h_LF_;           // (ep*T*K, F) c_fc output
-  Buffer<float> a_LF_;           // (ep*T*K, F) gelu output
-  Buffer<float> y_LD_;           // (ep*T*K, D) local expert outputs
-  Buffer<float> y_RD_;           // (T*K, D) expert outputs back home, global expert order
-  Buffer<float> out_TD_;         // (T, D) this rank's slice of the output (tp > 1)
+  ActBuffer x_RD_;               // (T*K, D) tokens in global expert order
+  ActBuffer x_LD_;               // (ep*T*K, D) rows received for the local experts
+  ActBuffer h_LF_;               // (ep*T*K, F) c_fc output
+  ActBuffer a_LF_;               // (ep*T*K, F) gelu output
+  ActBuffer y_LD_;               // (ep*T*K, D) local expert outputs
+  ActBuffer y_RD_;               // (T*K, D) expert outputs back home, global expert order
+  ActBuffer out_TD_;             // (T, D) this rank's slice of the output (tp > 1)
   // host-side routing layout
   std::vector<int> expert_idx_host_;  // (T, K)
   std::vector<int> slot_TK_;          // (T, K) position within the expert, -1 dropped
@@ -149,17 +149,17 @@ class SwitchLayer {
   int num_rows_ = 0;                  // R
 
   // backward scratch
-  Buffer<float> dy_RD_;          // (T*K, D)
-  Buffer<float> dy_LD_;          // (ep*T*K, D)
-  Buffer<float> dh_LF_;          // (ep*T*K, F)
-  Buffer<float> dx_LD_;          // (ep*T*K, D)
-  Buffer<float> dx_RD_;          // (T*K, D)
-  Buffer<float> dx_TD_;          // (T, D) this rank's slice of dx (tp > 1)
-  Buffer<float> dx_ND_;          // (N, D) the gathered dx (tp > 1)
+  ActBuffer dy_RD_;              // (T*K, D)
+  ActBuffer dy_LD_;              // (ep*T*K, D)
+  ActBuffer dh_LF_;              // (ep*T*K, F)
+  ActBuffer dx_LD_;              // (ep*T*K, D)
+  ActBuffer dx_RD_;              // (T*K, D)
+  ActBuffer dx_TD_;              // (T, D) this rank's slice of dx (tp > 1)
+  ActBuffer dx_ND_;              // (N, D) the gathered dx (tp > 1)
   Buffer<float> dgates_TK_;      // (T, K)
   Buffer<float> dprobs_TE_;      // (T, E)
   Buffer<float> dlogits_TE_;     // (T, E)
-  Buffer<float> dx_router_TD_;   // (T, D)
+  ActBuffer dx_router_TD_;       // (T, D)
 };
 
 }  // namespace moe

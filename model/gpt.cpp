@@ -22,27 +22,27 @@ GptModel::GptModel(Backend& backend, const ModelConfig& config, const ParamLayou
 
   inputs_BT_ = Buffer<int>(backend, BT);
   targets_BT_ = Buffer<int>(backend, BT);
-  encoded_ = Buffer<float>(backend, BT * C);
+  encoded_ = ActBuffer(backend, BT * C);
   for (int l = 0; l < config.num_layers; ++l) {
     const bool dense = !config.is_switch_layer(l);
     LayerActivations a;
-    a.ln1 = Buffer<float>(backend, BT * C);
+    a.ln1 = ActBuffer(backend, BT * C);
     a.ln1_mean = Buffer<float>(backend, BT);
     a.ln1_rstd = Buffer<float>(backend, BT);
-    a.qkv = Buffer<float>(backend, BT * 3 * CL);
+    a.qkv = ActBuffer(backend, BT * 3 * CL);
     a.att_lse = Buffer<float>(backend, static_cast<size_t>(max_batch) * NH * max_seq);
-    a.atty = Buffer<float>(backend, BT * CL);
-    a.attproj = Buffer<float>(backend, BT * C);
-    a.res2 = Buffer<float>(backend, BT * C);
-    a.ln2 = Buffer<float>(backend, BT * C);
+    a.atty = ActBuffer(backend, BT * CL);
+    a.attproj = ActBuffer(backend, BT * C);
+    a.res2 = ActBuffer(backend, BT * C);
+    a.ln2 = ActBuffer(backend, BT * C);
     a.ln2_mean = Buffer<float>(backend, BT);
     a.ln2_rstd = Buffer<float>(backend, BT);
     if (dense) {
-      a.fch = Buffer<float>(backend, BT * F);
-      a.fch_gelu = Buffer<float>(backend, BT * F);
+      a.fch = ActBuffer(backend, BT * F);
+      a.fch_gelu = ActBuffer(backend, BT * F);
     }
-    a.ffn_out = Buffer<float>(backend, BT * C);
-    a.res3 = Buffer<float>(backend, BT * C);
+    a.ffn_out = ActBuffer(backend, BT * C);
+    a.res3 = ActBuffer(backend, BT * C);
     layers_.push_back(std::move(a));
     switch_index_of_layer_.push_back(dense ? -1 : static_cast<int>(switch_layer_ids_.size()));
     if (!dense) switch_layer_ids_.push_back(l);
@@ -54,16 +54,16 @@ GptModel::GptModel(Backend& backend, const ModelConfig& config, const ParamLayou
     switch_layers_.emplace_back(backend, shape, SwitchGroups{groups.tp, groups.ep, groups.stats},
                                 phase_times_);
   }
-  lnf_ = Buffer<float>(backend, BT * C);
+  lnf_ = ActBuffer(backend, BT * C);
   lnf_mean_ = Buffer<float>(backend, BT);
   lnf_rstd_ = Buffer<float>(backend, BT);
-  logits_BTV_ = Buffer<float>(backend, BT * V);
+  logits_BTV_ = ActBuffer(backend, BT * V);
   losses_BT_ = Buffer<float>(backend, BT);
-  dres_ = Buffer<float>(backend, BT * C);
-  dln_ = Buffer<float>(backend, BT * C);
-  datty_ = Buffer<float>(backend, BT * CL);
-  dqkv_ = Buffer<float>(backend, BT * 3 * CL);
-  dfch_ = Buffer<float>(backend, BT * F);
+  dres_ = ActBuffer(backend, BT * C);
+  dln_ = ActBuffer(backend, BT * C);
+  datty_ = ActBuffer(backend, BT * CL);
+  dqkv_ = ActBuffer(backend, BT * 3 * CL);
+  dfch_ = ActBuffer(backend, BT * F);
 }
 
 SwitchWeights GptModel::switch_weights(int layer) const {
@@ -85,11 +85,12 @@ ForwardLosses GptModel::forward(const int* inputs_host, const int* targets_host,
             F = F_local_, NH = NH_local_;
   // Row-parallel projections add their bias once: on tp rank 0, before the all-reduce.
   const bool adds_bias = groups_.tp.rank() == 0;
+  const ActType type = backend_.activation_type();
   backend_.copy_from_host(inputs_BT_.data(), inputs_host, sizeof(int) * N);
   backend_.embedding_forward(encoded_.data(), inputs_BT_.data(), p_.wte, p_.wpe, B, T, C);
 
   ForwardLosses losses;
-  const float* residual = encoded_.data();  // (B, T, C) the block's input
+  const Act* residual = encoded_.data();  // (B, T, C) the block's input
   for (int l = 0; l < config_.num_layers; ++l) {
     const BlockTensors& w = p_.blocks[l];
     LayerActivations& a = layers_[l];
@@ -100,7 +101,7 @@ ForwardLosses GptModel::forward(const int* inputs_host, const int* targets_host,
     backend_.attention_forward(a.atty.data(), a.att_lse.data(), a.qkv.data(), B, T, CL, NH);
     backend_.linear_forward(a.attproj.data(), a.atty.data(), w.attn_proj_w,
                             adds_bias ? w.attn_proj_b : nullptr, N, CL, C);
-    if (tp_ > 1) groups_.tp.allreduce_sum(a.attproj.data(), static_cast<size_t>(N) * C);
+    if (tp_ > 1) groups_.tp.allreduce_sum(a.attproj.data(), static_cast<size_t>(N) * C, type);
     backend_.add(a.res2.data(), residual, a.attproj.data(), static_cast<size_t>(N) * C);
     // x += ffn(ln_2(x))
     backend_.layernorm_forward(a.ln2.data(), a.ln2_mean.data(), a.ln2_rstd.data(),
@@ -111,7 +112,7 @@ ForwardLosses GptModel::forward(const int* inputs_host, const int* targets_host,
                                    w.fc_b, N, C, F);
       backend_.linear_forward(a.ffn_out.data(), a.fch_gelu.data(), w.proj_w,
                               adds_bias ? w.proj_b : nullptr, N, F, C);
-      if (tp_ > 1) groups_.tp.allreduce_sum(a.ffn_out.data(), static_cast<size_t>(N) * C);
+      if (tp_ > 1) groups_.tp.allreduce_sum(a.ffn_out.data(), static_cast<size_t>(N) * C, type);
     } else {
       SwitchLayer& moe = switch_layers_[s];
       moe.forward(a.ffn_out.data(), a.ln2.data(), switch_weights(l), N, routing);
@@ -143,13 +144,14 @@ void GptModel::backward(const LossScales& scales,
   const int B = B_, T = T_, N = B * T, C = config_.hidden_size, V = config_.vocab_size,
             CL = C_local_, F = F_local_, NH = NH_local_;
   const size_t NC = static_cast<size_t>(N) * C;
+  const ActType type = backend_.activation_type();
   // lm_loss is a mean over the micro-batch's tokens.
   backend_.crossentropy_backward(logits_BTV_.data(), logits_BTV_.data(), targets_BT_.data(),
                                  scales.lm / N, N, V);
   dln_.zero();
   backend_.linear_backward(dln_.data(), g_.wte, nullptr, logits_BTV_.data(), lnf_.data(), p_.wte,
                            N, C, V);
-  const float* last = config_.num_layers > 0 ? layers_.back().res3.data() : encoded_.data();
+  const Act* last = config_.num_layers > 0 ? layers_.back().res3.data() : encoded_.data();
   dres_.zero();
   backend_.layernorm_backward(dres_.data(), g_.lnf_w, g_.lnf_b, dln_.data(), last, p_.lnf_w,
                               lnf_mean_.data(), lnf_rstd_.data(), N, C);
@@ -158,7 +160,7 @@ void GptModel::backward(const LossScales& scales,
     const BlockTensors& w = p_.blocks[l];
     const BlockTensors& g = g_.blocks[l];
     LayerActivations& a = layers_[l];
-    const float* residual = l == 0 ? encoded_.data() : layers_[l - 1].res3.data();
+    const Act* residual = l == 0 ? encoded_.data() : layers_[l - 1].res3.data();
     // dres holds d(res3); res3 = res2 + ffn(ln_2(res2)).
     dln_.zero();
     const int s = switch_index_of_layer_[l];
@@ -167,7 +169,7 @@ void GptModel::backward(const LossScales& scales,
                                     a.fch_gelu.data(), w.proj_w, a.fch.data(), N, F, C);
       backend_.linear_backward(dln_.data(), g.fc_w, g.fc_b, dfch_.data(), a.ln2.data(), w.fc_w,
                                N, C, F);
-      if (tp_ > 1) groups_.tp.allreduce_sum(dln_.data(), NC);  // each rank saw F' of F
+      if (tp_ > 1) groups_.tp.allreduce_sum(dln_.data(), NC, type);  // each rank saw F' of F
     } else {
       switch_layers_[s].backward(dln_.data(), switch_grads(l), dres_.data(), a.ln2.data(),
                                  switch_weights(l), scales.aux, scales.z);
@@ -184,7 +186,7 @@ void GptModel::backward(const LossScales& scales,
     dln_.zero();
     backend_.linear_backward(dln_.data(), g.qkv_w, g.qkv_b, dqkv_.data(), a.ln1.data(), w.qkv_w,
                              N, C, 3 * CL);
-    if (tp_ > 1) groups_.tp.allreduce_sum(dln_.data(), NC);  // each rank saw NH' of NH heads
+    if (tp_ > 1) groups_.tp.allreduce_sum(dln_.data(), NC, type);  // each saw NH' of NH heads
     backend_.layernorm_backward(dres_.data(), g.ln1_w, g.ln1_b, dln_.data(), residual, w.ln1_w,
                                 a.ln1_mean.data(), a.ln1_rstd.data(), N, C);
     if (layer_done) layer_done(l);

@@ -1,6 +1,7 @@
 // The GPT-2-style decoder with Switch layers (DESIGN.md, Model): forward and backward of one
-// micro-batch through the backend interface. Parameters and gradients are two flat buffers
-// with one ParamLayout; activations are sized once for the largest micro-batch.
+// micro-batch through the backend interface. Parameters and gradients are two flat fp32 buffers
+// with one ParamLayout; activations, in the backend's activation type, are sized once for the
+// largest micro-batch.
 //
 // Tensor parallelism follows Megatron: c_attn and c_fc are split by output rows (attention by
 // heads), the projections after them by input columns, with one all-reduce over tp after each
@@ -65,7 +66,7 @@ class GptModel {
   // start while the rest of backward runs.
   void backward(const LossScales& scales, const std::function<void(int layer)>& layer_done = {});
 
-  const float* logits() const { return logits_BTV_.data(); }  // (B, T, V)
+  const Act* logits() const { return logits_BTV_.data(); }  // (B, T, V)
   // Wall time per phase of the Switch layers since the last reset.
   PhaseTimes& phase_times() { return phase_times_; }
   // The Switch layers in model order (index i is the i-th Switch layer).
@@ -74,21 +75,21 @@ class GptModel {
 
  private:
   struct LayerActivations {
-    Buffer<float> ln1;       // (B, T, C)
+    ActBuffer ln1;           // (B, T, C)
     Buffer<float> ln1_mean;  // (B, T)
     Buffer<float> ln1_rstd;  // (B, T)
-    Buffer<float> qkv;       // (B, T, 3C')
+    ActBuffer qkv;           // (B, T, 3C')
     Buffer<float> att_lse;   // (B, NH', T) logsumexp of each attention row's scores
-    Buffer<float> atty;      // (B, T, C')
-    Buffer<float> attproj;   // (B, T, C)
-    Buffer<float> res2;      // (B, T, C) residual after attention
-    Buffer<float> ln2;       // (B, T, C)
+    ActBuffer atty;          // (B, T, C')
+    ActBuffer attproj;       // (B, T, C)
+    ActBuffer res2;          // (B, T, C) residual after attention
+    ActBuffer ln2;           // (B, T, C)
     Buffer<float> ln2_mean;  // (B, T)
     Buffer<float> ln2_rstd;  // (B, T)
-    Buffer<float> fch;       // (B, T, F') dense layers only
-    Buffer<float> fch_gelu;  // (B, T, F') dense layers only
-    Buffer<float> ffn_out;   // (B, T, C)
-    Buffer<float> res3;      // (B, T, C) the block's output
+    ActBuffer fch;           // (B, T, F') dense layers only
+    ActBuffer fch_gelu;      // (B, T, F') dense layers only
+    ActBuffer ffn_out;       // (B, T, C)
+    ActBuffer res3;          // (B, T, C) the block's output
   };
   SwitchWeights switch_weights(int layer) const;
   SwitchGrads switch_grads(int layer) const;
@@ -109,24 +110,24 @@ class GptModel {
 
   Buffer<int> inputs_BT_;     // (B, T)
   Buffer<int> targets_BT_;    // (B, T)
-  Buffer<float> encoded_;     // (B, T, C)
+  ActBuffer encoded_;         // (B, T, C)
   std::vector<LayerActivations> layers_;
   PhaseTimes phase_times_;
   std::vector<SwitchLayer> switch_layers_;
   std::vector<int> switch_index_of_layer_;  // (L) index into switch_layers_, -1 if dense
   std::vector<int> switch_layer_ids_;       // model layer of each Switch layer
-  Buffer<float> lnf_;         // (B, T, C)
+  ActBuffer lnf_;             // (B, T, C)
   Buffer<float> lnf_mean_;    // (B, T)
   Buffer<float> lnf_rstd_;    // (B, T)
-  Buffer<float> logits_BTV_;  // (B, T, V) logits, then softmax probs, then dlogits
+  ActBuffer logits_BTV_;      // (B, T, V) logits, then softmax probs, then dlogits
   Buffer<float> losses_BT_;   // (B, T)
 
   // backward scratch
-  Buffer<float> dres_;        // (B, T, C) gradient of the residual stream
-  Buffer<float> dln_;         // (B, T, C)
-  Buffer<float> datty_;       // (B, T, C')
-  Buffer<float> dqkv_;        // (B, T, 3C')
-  Buffer<float> dfch_;        // (B, T, F') d(fch), written by gelu_linear_backward
+  ActBuffer dres_;            // (B, T, C) gradient of the residual stream
+  ActBuffer dln_;             // (B, T, C)
+  ActBuffer datty_;           // (B, T, C')
+  ActBuffer dqkv_;            // (B, T, 3C')
+  ActBuffer dfch_;            // (B, T, F') d(fch), written by gelu_linear_backward
 };
 
 }  // namespace moe

@@ -644,6 +644,94 @@ TEST_P(Collectives, BarrierWaitsForTheLastRank) {
   EXPECT_GE(left_us, last_arrival_us) << "left the barrier before the last rank came";
 }
 
+// The activation overloads with ActType::kF32 are the float collectives: the same results,
+// bit for bit, on the same data.
+TEST_P(Collectives, Fp32ActivationsMatchTheFloatCollectives) {
+  const int n = 1000;
+  std::vector<float> sum_f(n);
+  for (int i = 0; i < n; ++i) sum_f[i] = static_cast<float>(value(rank_, i));
+  std::vector<float> sum_a = sum_f;
+  comm_->allreduce_sum(sum_f.data(), n);
+  comm_->allreduce_sum(f32_act(sum_a.data()), n, ActType::kF32);
+
+  const int count = 37;
+  std::vector<float> part(count);
+  for (int i = 0; i < count; ++i) part[i] = static_cast<float>(value(rank_, 5000 + i));
+  std::vector<float> gathered_f(static_cast<size_t>(size_) * count, -1.0f), gathered_a = gathered_f;
+  comm_->allgather(gathered_f.data(), part.data(), count);
+  comm_->allgather(f32_act(gathered_a.data()), f32_act(part.data()), count, ActType::kF32);
+
+  // Uneven blocks (src sends `block(src, dst)` floats to dst), laid out in reverse peer order
+  // with a gap of 2 after each block, on both sides, so the displacements matter.
+  auto block = [](int src, int dst) { return static_cast<int64_t>(1 + (src + 2 * dst) % 4); };
+  std::vector<int64_t> send_counts(size_), recv_counts(size_), send_displs(size_),
+      recv_displs(size_);
+  int64_t send_end = 0, recv_end = 0;
+  for (int p = size_ - 1; p >= 0; --p) {
+    send_counts[p] = block(rank_, p);
+    recv_counts[p] = block(p, rank_);
+    send_displs[p] = send_end;
+    recv_displs[p] = recv_end;
+    send_end += send_counts[p] + 2;
+    recv_end += recv_counts[p] + 2;
+  }
+  std::vector<float> send(send_end, -2.0f);
+  for (int p = 0; p < size_; ++p)
+    for (int64_t k = 0; k < send_counts[p]; ++k)
+      send[send_displs[p] + k] = static_cast<float>(rank_ * 1000 + p * 10 + k);
+  std::vector<float> placed_f(recv_end, -1.0f), placed_a = placed_f;
+  comm_->alltoallv_placed(placed_f.data(), recv_counts, recv_displs, send.data(), send_counts,
+                          send_displs);
+  comm_->alltoallv_placed(f32_act(placed_a.data()), recv_counts, recv_displs, f32_act(send.data()),
+                          send_counts, send_displs, ActType::kF32);
+
+  // Reports print in reverse order of declaration.
+  Worst worst_placed(name("fp32 activations all-to-all-v placed")),
+      worst_gather(name("fp32 activations all-gather")),
+      worst_sum(name("fp32 activations all-reduce sum"));
+  for (int i = 0; i < n; ++i) worst_sum.expect_equal(sum_a[i], sum_f[i], at("", i));
+  for (int p = 0; p < size_; ++p)
+    for (int i = 0; i < count; ++i) {
+      const int64_t j = static_cast<int64_t>(p) * count + i;
+      worst_gather.expect_equal(gathered_a[j], gathered_f[j], at("", j));
+      worst_gather.expect_equal(gathered_a[j], static_cast<float>(value(p, 5000 + i)),
+                                at("from " + std::to_string(p), i));
+    }
+  for (int64_t i = 0; i < recv_end; ++i)
+    worst_placed.expect_equal(placed_a[i], placed_f[i], at("", i));
+  for (int p = 0; p < size_; ++p) {
+    for (int64_t k = 0; k < recv_counts[p]; ++k)
+      worst_placed.expect_equal(placed_a[recv_displs[p] + k], p * 1000 + rank_ * 10 + k,
+                                at("from " + std::to_string(p), k));
+    for (int64_t k = recv_counts[p]; k < recv_counts[p] + 2; ++k)  // the gaps stay untouched
+      worst_placed.expect_equal(placed_a[recv_displs[p] + k], -1.0,
+                                at("gap after " + std::to_string(p), k));
+  }
+}
+
+// bf16 activations are device memory: MPI refuses them (before any data moves, on every rank
+// alike, so nobody waits in MPI), naming the operation, the rank and the way out.
+TEST_P(Collectives, Bf16ActivationsOnMpiAreARuntimeErrorNamingTheRank) {
+  if (GetParam() == GroupKind::kSelf) GTEST_SKIP() << "a group of one copies any type";
+  std::vector<uint16_t> send(8, 0x3f80), recv(8 * static_cast<size_t>(size_), 0);
+  Act* recv_act = reinterpret_cast<Act*>(recv.data());
+  const Act* send_act = reinterpret_cast<const Act*>(send.data());
+  const std::string rank = "rank " + std::to_string(world_rank());
+  expect_one_line_naming(
+      error_message<RuntimeError>([&] { comm_->allreduce_sum(recv_act, 8, ActType::kBF16); }),
+      {rank, "all-reduce", "bf16", "NCCL"});
+  expect_one_line_naming(
+      error_message<RuntimeError>([&] { comm_->allgather(recv_act, send_act, 8, ActType::kBF16); }),
+      {rank, "all-gather", "bf16", "NCCL"});
+  const std::vector<int64_t> counts(size_, 1), displs(size_, 0);
+  expect_one_line_naming(error_message<RuntimeError>([&] {
+                           comm_->alltoallv_placed(recv_act, counts, displs, send_act, counts,
+                                                   displs, ActType::kBF16);
+                         }),
+                         {rank, "all-to-all", "bf16", "NCCL"});
+  for (uint16_t bits : recv) EXPECT_EQ(bits, 0) << "a refused collective wrote its output";
+}
+
 TEST_P(Collectives, CountsBeyondMpiIntAreARuntimeErrorNamingTheRank) {
   if (GetParam() == GroupKind::kSelf) GTEST_SKIP() << "the identity needs no counts";
   // Thrown before any data moves, on every rank alike, so nobody waits in MPI.
@@ -703,6 +791,39 @@ TEST(SelfCommunicator, EveryCollectiveIsTheIdentity) {
   ASSERT_EQ(gathered.size(), 1u);
   EXPECT_EQ(std::string(gathered[0].begin(), gathered[0].end()), "abc");
   self->barrier();
+}
+
+// Activations of either type: all-reduce leaves them, the others copy count * element-size
+// bytes to their places (bf16 bit patterns arrive exactly).
+TEST(SelfCommunicator, ActivationsOfEitherTypeAreCopied) {
+  auto self = make_self_communicator();
+  Worst worst("self communicator activations");
+  for (ActType type : {ActType::kF32, ActType::kBF16}) {
+    const std::string tag = act_type_name(type);
+    const size_t width = act_bytes(type), n = 5;
+    std::vector<unsigned char> x(n * width), out(n * width + 3 * width, 0xee);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<unsigned char>(17 * i + 3);
+    const std::vector<unsigned char> original = x;
+    Act* x_act = reinterpret_cast<Act*>(x.data());
+    self->allreduce_sum(x_act, n, type);
+    for (size_t i = 0; i < x.size(); ++i)
+      worst.expect_equal(x[i], original[i], at(tag + " all-reduce byte", i));
+
+    self->allgather(reinterpret_cast<Act*>(out.data()), x_act, n, type);
+    for (size_t i = 0; i < x.size(); ++i)
+      worst.expect_equal(out[i], x[i], at(tag + " all-gather byte", i));
+    for (size_t i = x.size(); i < out.size(); ++i)
+      worst.expect_equal(out[i], 0xee, at(tag + " all-gather beyond count, byte", i));
+
+    // Elements 1..3 of x land at elements 3..5 of out.
+    std::fill(out.begin(), out.end(), 0xee);
+    self->alltoallv_placed(reinterpret_cast<Act*>(out.data()), {3}, {3}, x_act, {3}, {1}, type);
+    for (size_t i = 0; i < out.size(); ++i) {
+      const bool moved = i >= 3 * width && i < 6 * width;
+      worst.expect_equal(out[i], moved ? x[i - 2 * width] : 0xee,
+                         at(tag + " all-to-all-v byte", i));
+    }
+  }
 }
 
 }  // namespace

@@ -152,6 +152,19 @@ std::vector<T> download(Backend& backend, const Buffer<T>& buffer, size_t count)
   return host;
 }
 
+// Activations (the layers' inputs, outputs and their gradients) in the backend's type.
+ActBuffer upload_act(Backend& backend, const std::vector<float>& host) {
+  ActBuffer buffer(backend, std::max<size_t>(host.size(), 1));
+  if (!host.empty()) backend.copy_act_from_host(buffer.data(), host.data(), host.size());
+  return buffer;
+}
+
+std::vector<float> download_act(Backend& backend, const ActBuffer& buffer, size_t count) {
+  std::vector<float> host(count);
+  if (count) backend.copy_act_to_host(host.data(), buffer.data(), count);
+  return host;
+}
+
 std::vector<float> random_floats(std::mt19937_64& rng, size_t n, double scale) {
   std::normal_distribution<double> normal(0.0, 1.0);
   std::vector<float> out(n);
@@ -255,15 +268,15 @@ TEST(ExpertDispatcher, DispatchDeliversCombineInvertsAndTheyAreAdjoint) {
 
         // dispatch, then combine with unit gates.
         const int RL = handle.num_local_rows;
-        Buffer<float> x_dev = upload(*backend, x_RD);
-        Buffer<float> local_dev(*backend, std::max<size_t>(static_cast<size_t>(RL) * kTagD, 1));
+        ActBuffer x_dev = upload_act(*backend, x_RD);
+        ActBuffer local_dev(*backend, std::max<size_t>(static_cast<size_t>(RL) * kTagD, 1));
         dispatcher.dispatch(handle, local_dev.data(), x_dev.data(), kTagD);
-        const std::vector<float> got_local = download(*backend, local_dev, RL * kTagD);
+        const std::vector<float> got_local = download_act(*backend, local_dev, RL * kTagD);
         routed.expect_bits(got_local.data(), want_local.data(), got_local.size(),
                            where + " x_local");
-        Buffer<float> back_dev(*backend, std::max<size_t>(static_cast<size_t>(R) * kTagD, 1));
+        ActBuffer back_dev(*backend, std::max<size_t>(static_cast<size_t>(R) * kTagD, 1));
         dispatcher.combine(handle, back_dev.data(), local_dev.data(), kTagD);
-        const std::vector<float> back = download(*backend, back_dev, R * kTagD);
+        const std::vector<float> back = download_act(*backend, back_dev, R * kTagD);
         inverse.expect_bits(back.data(), x_RD.data(), back.size(), where + " x_RD");
 
         // Adjoint: random x (R, D) and y (R_local, D), inner products summed over the group.
@@ -271,13 +284,13 @@ TEST(ExpertDispatcher, DispatchDeliversCombineInvertsAndTheyAreAdjoint) {
         std::mt19937_64 rng(31 * trial + 1000 * rank + 5);
         const std::vector<float> x = random_floats(rng, static_cast<size_t>(R) * D, 1.0);
         const std::vector<float> y = random_floats(rng, static_cast<size_t>(RL) * D, 1.0);
-        Buffer<float> xd = upload(*backend, x), yd = upload(*backend, y);
-        Buffer<float> dx_local(*backend, std::max<size_t>(static_cast<size_t>(RL) * D, 1));
-        Buffer<float> cy(*backend, std::max<size_t>(static_cast<size_t>(R) * D, 1));
+        ActBuffer xd = upload_act(*backend, x), yd = upload_act(*backend, y);
+        ActBuffer dx_local(*backend, std::max<size_t>(static_cast<size_t>(RL) * D, 1));
+        ActBuffer cy(*backend, std::max<size_t>(static_cast<size_t>(R) * D, 1));
         dispatcher.dispatch(handle, dx_local.data(), xd.data(), D);
         dispatcher.combine(handle, cy.data(), yd.data(), D);
-        const std::vector<float> dispatched = download(*backend, dx_local, RL * D);
-        const std::vector<float> combined = download(*backend, cy, R * D);
+        const std::vector<float> dispatched = download_act(*backend, dx_local, RL * D);
+        const std::vector<float> combined = download_act(*backend, cy, R * D);
         double sums[3] = {0.0, 0.0, 0.0};  // <combine(y), x>, <y, dispatch(x)>, sum |terms|
         for (size_t i = 0; i < x.size(); ++i) {
           sums[0] += static_cast<double>(combined[i]) * x[i];
@@ -341,11 +354,12 @@ TEST(SwitchLayer, EveryLayoutAgreesWithOneProcess) {
                       SwitchGroups{*self, *self, *self}, ref_times);
       Buffer<float> r_router = upload(*backend, router), r_fc_w = upload(*backend, fc_w),
                     r_fc_b = upload(*backend, fc_b), r_proj_w = upload(*backend, proj_w),
-                    r_proj_b = upload(*backend, proj_b), r_x = upload(*backend, x_all);
+                    r_proj_b = upload(*backend, proj_b);
+      ActBuffer r_x = upload_act(*backend, x_all);
       std::vector<float> dout_ref(dout_all);
       for (float& v : dout_ref) v /= static_cast<float>(dp);
-      Buffer<float> r_dout = upload(*backend, dout_ref);
-      Buffer<float> r_out(*backend, x_all.size()), r_dx(*backend, x_all.size());
+      ActBuffer r_dout = upload_act(*backend, dout_ref);
+      ActBuffer r_out(*backend, x_all.size()), r_dx(*backend, x_all.size());
       Buffer<float> rg_router(*backend, router.size()), rg_fc_w(*backend, fc_w.size()),
           rg_fc_b(*backend, fc_b.size()), rg_proj_w(*backend, proj_w.size()),
           rg_proj_b(*backend, proj_b.size());
@@ -372,9 +386,10 @@ TEST(SwitchLayer, EveryLayoutAgreesWithOneProcess) {
                     d_fc_w = upload(*backend, slice(fc_w, static_cast<size_t>(F) * D)),
                     d_fc_b = upload(*backend, slice(fc_b, F)),
                     d_proj_w = upload(*backend, slice(proj_w, static_cast<size_t>(D) * F)),
-                    d_proj_b = upload(*backend, slice(proj_b, D)),
-                    d_x = upload(*backend, rows(x_all)), d_dout = upload(*backend, rows(dout_all));
-      Buffer<float> d_out(*backend, static_cast<size_t>(N) * D),
+                    d_proj_b = upload(*backend, slice(proj_b, D));
+      ActBuffer d_x = upload_act(*backend, rows(x_all)),
+                d_dout = upload_act(*backend, rows(dout_all));
+      ActBuffer d_out(*backend, static_cast<size_t>(N) * D),
           d_dx(*backend, static_cast<size_t>(N) * D);
       Buffer<float> g_router(*backend, router.size()),
           g_fc_w(*backend, static_cast<size_t>(L) * F * D), g_fc_b(*backend, static_cast<size_t>(L) * F),
@@ -402,18 +417,18 @@ TEST(SwitchLayer, EveryLayoutAgreesWithOneProcess) {
       for (auto& g : ge)
         for (float& v : g) v /= static_cast<float>(dp);
       // dx: each rank's own gradient is dp times its share of the global mean's gradient.
-      std::vector<float> dx = download(*backend, d_dx, static_cast<size_t>(N) * D);
+      std::vector<float> dx = download_act(*backend, d_dx, static_cast<size_t>(N) * D);
       for (float& v : dx) v /= static_cast<float>(dp);
 
-      const std::vector<float> ref_out = rows(download(*backend, r_out, x_all.size()));
-      const std::vector<float> ref_dx = rows(download(*backend, r_dx, x_all.size()));
+      const std::vector<float> ref_out = rows(download_act(*backend, r_out, x_all.size()));
+      const std::vector<float> ref_dx = rows(download_act(*backend, r_dx, x_all.size()));
       const std::vector<float> ref_gr = download(*backend, rg_router, router.size());
       const std::vector<std::vector<float>> ref_ge = {
           slice(download(*backend, rg_fc_w, fc_w.size()), static_cast<size_t>(F) * D),
           slice(download(*backend, rg_fc_b, fc_b.size()), F),
           slice(download(*backend, rg_proj_w, proj_w.size()), static_cast<size_t>(D) * F),
           slice(download(*backend, rg_proj_b, proj_b.size()), D)};
-      const std::vector<float> out = download(*backend, d_out, static_cast<size_t>(N) * D);
+      const std::vector<float> out = download_act(*backend, d_out, static_cast<size_t>(N) * D);
 
       print0("  -- %s\n", name);
       {

@@ -11,7 +11,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -157,6 +159,132 @@ TEST_F(NcclVsMpi, CollectivesMatch) {
   for (int p = 0; p < n; ++p) counts[p] = 10 * r + p;
   nccl->alltoall(counts_back.data(), counts.data(), 1);
   for (int p = 0; p < n; ++p) EXPECT_EQ(counts_back[p], 10 * p + r);
+}
+
+// bf16 by hand (round to nearest even), so the reference needs no backend: the bits the
+// NCCL communicator moves are the bits the test wrote.
+uint16_t to_bf16(float x) {
+  uint32_t bits = 0;
+  std::memcpy(&bits, &x, sizeof bits);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+float from_bf16(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float x = 0;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
+std::vector<float> from_bf16(const std::vector<uint16_t>& h) {
+  std::vector<float> x(h.size());
+  for (size_t i = 0; i < h.size(); ++i) x[i] = from_bf16(h[i]);
+  return x;
+}
+// Rank `rank`'s bf16 values: every rank can compute every rank's data for the reference.
+std::vector<uint16_t> bf16_values(size_t n, int rank, int salt) {
+  std::vector<uint16_t> v(n);
+  for (size_t i = 0; i < n; ++i)
+    v[i] = to_bf16(std::sin(0.37f * static_cast<float>(i) + 1.3f * rank + salt));
+  return v;
+}
+Act* as_act(uint16_t* p) { return reinterpret_cast<Act*>(p); }
+
+// The bf16 activation overloads on device memory against a host reference computed from the
+// same bf16 inputs: exact where bytes move, bf16 rounding (8 significant bits at every partial
+// sum) where NCCL adds.
+TEST_F(NcclVsMpi, Bf16ActivationsMatchAHostReference) {
+  const int n = world_size(), r = world_rank();
+  std::unique_ptr<Communicator> nccl = make_nccl_communicator(
+      n > 1 ? make_mpi_world_communicator() : make_self_communicator(), nullptr, 60.0);
+  const size_t count = 1000;
+
+  uint16_t* dsum = up(bf16_values(count, r, 11));
+  nccl->allreduce_sum(as_act(dsum), count, ActType::kBF16);
+  std::vector<double> sum(count, 0.0);
+  for (int p = 0; p < n; ++p) {
+    const std::vector<float> part = from_bf16(bf16_values(count, p, 11));
+    for (size_t i = 0; i < count; ++i) sum[i] += part[i];
+  }
+  const std::vector<float> want_sum(sum.begin(), sum.end());
+  // |values| < 1: n - 1 additions and the result each round by at most 2^-8 of |sum| <= n.
+  expect_close("bf16 all-reduce", from_bf16(down(dsum, count)), want_sum,
+               n * n * std::ldexp(1.0, -8));
+
+  std::vector<uint16_t> gathered(count * n, 0);
+  uint16_t* dgathered = up(gathered);
+  nccl->allgather(as_act(dgathered), as_act(up(bf16_values(count, r, 12))), count,
+                  ActType::kBF16);
+  std::vector<float> want_gathered;
+  for (int p = 0; p < n; ++p) {
+    const std::vector<float> part = from_bf16(bf16_values(count, p, 12));
+    want_gathered.insert(want_gathered.end(), part.begin(), part.end());
+  }
+  expect_close("bf16 all-gather", from_bf16(down(dgathered, gathered.size())), want_gathered, 0);
+
+  // Uneven blocks, some empty (rank s sends (s + 2p + 1) % 3 * 7 elements to p), in reverse
+  // peer order with a gap of 3 after each block on both sides: displacements and gaps count.
+  auto block = [](int src, int dst) { return static_cast<int64_t>((src + 2 * dst + 1) % 3 * 7); };
+  std::vector<int64_t> send_counts(n), recv_counts(n), send_displs(n), recv_displs(n);
+  int64_t send_end = 0, recv_end = 0;
+  for (int p = n - 1; p >= 0; --p) {
+    send_counts[p] = block(r, p);
+    recv_counts[p] = block(p, r);
+    send_displs[p] = send_end;
+    recv_displs[p] = recv_end;
+    send_end += send_counts[p] + 3;
+    recv_end += recv_counts[p] + 3;
+  }
+  // Element k of the block from s to p: value k of (s, salt 13 + p); the rest is -7.
+  const uint16_t gap = to_bf16(-7.0f);
+  std::vector<uint16_t> send(send_end, gap);
+  for (int p = 0; p < n; ++p) {
+    const std::vector<uint16_t> values = bf16_values(send_counts[p], r, 13 + p);
+    std::copy(values.begin(), values.end(), send.begin() + send_displs[p]);
+  }
+  std::vector<uint16_t> placed(recv_end, gap);
+  std::vector<float> want_placed(recv_end, -7.0f);
+  for (int p = 0; p < n; ++p) {
+    const std::vector<float> values = from_bf16(bf16_values(recv_counts[p], p, 13 + r));
+    std::copy(values.begin(), values.end(), want_placed.begin() + recv_displs[p]);
+  }
+  uint16_t* dplaced = up(placed);
+  nccl->alltoallv_placed(as_act(dplaced), recv_counts, recv_displs, as_act(up(send)),
+                         send_counts, send_displs, ActType::kBF16);
+  expect_close("bf16 all-to-all (placed)", from_bf16(down(dplaced, placed.size())), want_placed,
+               0);
+
+  // fp32 activations in host memory go through the host communicator.
+  std::vector<float> host_sum(8, static_cast<float>(r + 1));
+  nccl->allreduce_sum(f32_act(host_sum.data()), host_sum.size(), ActType::kF32);
+  for (float x : host_sum) EXPECT_EQ(x, n * (n + 1) / 2.0f);
+}
+
+// A group of one split from a world that is no NCCL communicator (one process's device
+// groups): bf16 activations are device-to-device copies of 2 bytes per element, all-reduce
+// leaves them. No communication: every rank checks its own.
+TEST_F(NcclVsMpi, Bf16ActivationsInAGroupOfOneAreCopies) {
+  std::unique_ptr<Communicator> host_world = make_self_communicator();
+  std::unique_ptr<Communicator> self =
+      make_nccl_communicator(make_self_communicator(), host_world.get(), 60.0);
+  const std::vector<uint16_t> x = bf16_values(9, world_rank(), 21);
+  uint16_t* dx = up(x);
+  self->allreduce_sum(as_act(dx), x.size(), ActType::kBF16);
+  expect_close("bf16 group of one: all-reduce", from_bf16(down(dx, x.size())), from_bf16(x), 0);
+
+  uint16_t* dgathered = up(std::vector<uint16_t>(x.size() + 2, 0));
+  self->allgather(as_act(dgathered), as_act(dx), x.size(), ActType::kBF16);
+  std::vector<float> want_gathered = from_bf16(x);
+  want_gathered.insert(want_gathered.end(), {0.0f, 0.0f});
+  expect_close("bf16 group of one: all-gather", from_bf16(down(dgathered, x.size() + 2)),
+               want_gathered, 0);
+
+  // Elements 2..6 of x land at elements 4..8 of the output.
+  uint16_t* dplaced = up(std::vector<uint16_t>(x.size() + 1, 0));
+  self->alltoallv_placed(as_act(dplaced), {5}, {4}, as_act(dx), {5}, {2}, ActType::kBF16);
+  std::vector<float> want_placed(x.size() + 1, 0.0f);
+  for (int i = 0; i < 5; ++i) want_placed[4 + i] = from_bf16(x[2 + i]);
+  expect_close("bf16 group of one: all-to-all", from_bf16(down(dplaced, x.size() + 1)),
+               want_placed, 0);
 }
 
 // A sub-group split from the NCCL world (ncclCommSplit): even and odd world ranks.

@@ -3,7 +3,9 @@
 // fast exp and another summation order); ops whose products run in bf16 (linear, grouped
 // linear, attention) are held to bf16's ~3 significant digits, as a relative norm of the
 // difference plus a bound on the worst element. Index results (top-k, capacity) must be
-// identical. Every comparison prints the worst difference it saw.
+// identical. Every comparison prints the worst difference it saw. Activations go to and from
+// the GPU through copy_act_from_host / copy_act_to_host (the backend's activation type, whatever
+// it is); the CPU backend's activations are fp32, so it takes the host vectors as they are.
 //
 // Without a GPU (or in a build without CUDA) every test is skipped, naming the reason.
 #include <gtest/gtest.h>
@@ -12,6 +14,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <memory>
 #include <random>
 #include <string>
@@ -109,6 +112,20 @@ class CudaOps : public ::testing::Test {
     gpu_->copy_to_host(host.data(), dev, n * sizeof(T));
     return host;
   }
+  // Activations: a device copy in the GPU backend's activation type, freed after the test,
+  // and back to host floats.
+  Act* up_act(const std::vector<float>& host) {
+    auto* dev = static_cast<Act*>(
+        gpu_->alloc_bytes(host.size() * act_bytes(gpu_->activation_type())));
+    owned_.push_back(dev);
+    gpu_->copy_act_from_host(dev, host.data(), host.size());
+    return dev;
+  }
+  std::vector<float> down_act(const Act* dev, size_t n) {
+    std::vector<float> host(n);
+    gpu_->copy_act_to_host(host.data(), dev, n);
+    return host;
+  }
   Backend& gpu() { return *gpu_; }
   Backend& cpu() { return *cpu_; }
 
@@ -120,28 +137,34 @@ class CudaOps : public ::testing::Test {
 
 TEST_F(CudaOps, Elementwise) {
   const size_t n = 100003;
-  std::vector<float> a = random(n), b = random(n), acc = random(n);
-  float *ga = up(a), *gb = up(b), *gacc = up(acc), *gout = up(std::vector<float>(n));
+  std::vector<float> a = random(n), b = random(n), acc = random(n), x = random(n);
+  Act *ga = up_act(a), *gb = up_act(b), *gacc = up_act(acc), *gout = up_act(std::vector<float>(n));
   std::vector<float> out(n);
-  cpu().add(out.data(), a.data(), b.data(), n);
+  cpu().add(f32_act(out.data()), f32_act(a.data()), f32_act(b.data()), n);
   gpu().add(gout, ga, gb, n);
-  expect_match("add", down(gout, n), out, kFp32);
-  cpu().mul(out.data(), a.data(), b.data(), n);
-  gpu().mul(gout, ga, gb, n);
-  expect_match("mul", down(gout, n), out, kFp32);
-  cpu().accumulate(acc.data(), a.data(), n);
+  expect_match("add", down_act(gout, n), out, kFp32);
+  cpu().mul(f32_act(out.data()), f32_act(a.data()), b.data(), n);  // b as the fp32 factors
+  gpu().mul(gout, ga, up(b), n);
+  expect_match("mul", down_act(gout, n), out, kFp32);
+  cpu().mul(f32_act(a.data()), f32_act(a.data()), b.data(), n);  // in place
+  gpu().mul(ga, ga, up(b), n);
+  expect_match("mul in place", down_act(ga, n), a, kFp32);
+  cpu().accumulate(f32_act(acc.data()), f32_act(a.data()), n);
   gpu().accumulate(gacc, ga, n);
-  cpu().scale(acc.data(), 0.37f, n);
-  gpu().scale(gacc, 0.37f, n);
-  expect_match("accumulate, scale", down(gacc, n), acc, kFp32);
-  const double want = cpu().sum_squares(a.data(), n), got = gpu().sum_squares(ga, n);
+  expect_match("accumulate", down_act(gacc, n), acc, kFp32);
+  // scale, sum_squares and all_finite work on fp32 buffers (gradients), not activations.
+  float* gx = up(x);
+  cpu().scale(x.data(), 0.37f, n);
+  gpu().scale(gx, 0.37f, n);
+  expect_match("scale", down(gx, n), x, kFp32);
+  const double want = cpu().sum_squares(x.data(), n), got = gpu().sum_squares(gx, n);
   std::printf("sum_squares gpu %.10g cpu %.10g\n", got, want);
   EXPECT_NEAR(got, want, 1e-9 * want);
-  EXPECT_TRUE(gpu().all_finite(ga, n));
-  a[n / 2] = std::numeric_limits<float>::quiet_NaN();
-  EXPECT_FALSE(gpu().all_finite(up(a), n));
-  a[n / 2] = INFINITY;
-  EXPECT_FALSE(gpu().all_finite(up(a), n));
+  EXPECT_TRUE(gpu().all_finite(gx, n));
+  x[n / 2] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_FALSE(gpu().all_finite(up(x), n));
+  x[n / 2] = INFINITY;
+  EXPECT_FALSE(gpu().all_finite(up(x), n));
 }
 
 TEST_F(CudaOps, Embedding) {
@@ -150,13 +173,14 @@ TEST_F(CudaOps, Embedding) {
   idx[0] = idx[5] = idx[40] = 7;  // repeated tokens: the backward must add
   std::vector<float> wte = random(V * C), wpe = random(Tmax * C), dout = random(B * T * C);
   std::vector<float> out(B * T * C), dwte = random(V * C), dwpe = random(Tmax * C);
-  float *gout = up(out), *gdwte = up(dwte), *gdwpe = up(dwpe);
+  Act* gout = up_act(out);
+  float *gdwte = up(dwte), *gdwpe = up(dwpe);
   const int* gidx = up(idx);
-  cpu().embedding_forward(out.data(), idx.data(), wte.data(), wpe.data(), B, T, C);
+  cpu().embedding_forward(f32_act(out.data()), idx.data(), wte.data(), wpe.data(), B, T, C);
   gpu().embedding_forward(gout, gidx, up(wte), up(wpe), B, T, C);
-  expect_match("embedding_forward", down(gout, out.size()), out, kFp32);
-  cpu().embedding_backward(dwte.data(), dwpe.data(), dout.data(), idx.data(), B, T, C);
-  gpu().embedding_backward(gdwte, gdwpe, up(dout), gidx, B, T, C);
+  expect_match("embedding_forward", down_act(gout, out.size()), out, kFp32);
+  cpu().embedding_backward(dwte.data(), dwpe.data(), f32_act(dout.data()), idx.data(), B, T, C);
+  gpu().embedding_backward(gdwte, gdwpe, up_act(dout), gidx, B, T, C);
   expect_match("embedding_backward dwte", down(gdwte, dwte.size()), dwte, kFp32);
   expect_match("embedding_backward dwpe", down(gdwpe, dwpe.size()), dwpe, kFp32);
 }
@@ -166,22 +190,23 @@ TEST_F(CudaOps, Layernorm) {
   std::vector<float> x = random(N * C, -3, 3), w = random(C, 0.5, 1.5), b = random(C);
   std::vector<float> out(N * C), mean(N), rstd(N), dout = random(N * C);
   std::vector<float> dx = random(N * C), dw = random(C), db = random(C);
-  float *gx = up(x), *gw = up(w), *gout = up(out), *gmean = up(mean), *grstd = up(rstd);
-  float *gdx = up(dx), *gdw = up(dw), *gdb = up(db);
-  cpu().layernorm_forward(out.data(), mean.data(), rstd.data(), x.data(), w.data(), b.data(), N, C);
+  Act *gx = up_act(x), *gout = up_act(out), *gdx = up_act(dx);
+  float *gw = up(w), *gmean = up(mean), *grstd = up(rstd), *gdw = up(dw), *gdb = up(db);
+  cpu().layernorm_forward(f32_act(out.data()), mean.data(), rstd.data(), f32_act(x.data()),
+                          w.data(), b.data(), N, C);
   gpu().layernorm_forward(gout, gmean, grstd, gx, gw, up(b), N, C);
-  expect_match("layernorm_forward", down(gout, out.size()), out, kFp32);
+  expect_match("layernorm_forward", down_act(gout, out.size()), out, kFp32);
   expect_match("layernorm_forward rstd", down(grstd, N), rstd, kFp32);
-  cpu().layernorm_backward(dx.data(), dw.data(), db.data(), dout.data(), x.data(), w.data(),
-                           mean.data(), rstd.data(), N, C);
-  gpu().layernorm_backward(gdx, gdw, gdb, up(dout), gx, gw, gmean, grstd, N, C);
-  expect_match("layernorm_backward dinp", down(gdx, dx.size()), dx, kFp32);
+  cpu().layernorm_backward(f32_act(dx.data()), dw.data(), db.data(), f32_act(dout.data()),
+                           f32_act(x.data()), w.data(), mean.data(), rstd.data(), N, C);
+  gpu().layernorm_backward(gdx, gdw, gdb, up_act(dout), gx, gw, gmean, grstd, N, C);
+  expect_match("layernorm_backward dinp", down_act(gdx, dx.size()), dx, kFp32);
   // Sums over 301 rows in another order: fp32 rounding of the sum, not of each term.
   expect_match("layernorm_backward dweight", down(gdw, C), dw, {1e-4, 1e-4, 0});
   expect_match("layernorm_backward dbias", down(gdb, C), db, {1e-4, 1e-4, 0});
 }
 
-// OC = 320 takes the bf16 path; OC = 64 (a router's width) the fp32 path.
+// OC = 320 takes the bf16 path; OC = 64 (at most kFp32MaxOutputs) the fp32 path.
 TEST_F(CudaOps, Linear) {
   for (const int OC : {320, 64}) {
     const Tolerance tol = OC > 128 ? kBf16 : Tolerance{1e-4, 1e-4, 0};
@@ -190,19 +215,21 @@ TEST_F(CudaOps, Linear) {
     std::vector<float> x = random(N * IC), w = random(OC * IC, -0.1, 0.1), b = random(OC);
     std::vector<float> out(N * OC), dout = random(N * OC);
     std::vector<float> dx = random(N * IC), dw = random(OC * IC), db = random(OC);
-    float *gx = up(x), *gw = up(w), *gout = up(out), *gdx = up(dx), *gdw = up(dw), *gdb = up(db);
-    cpu().linear_forward(out.data(), x.data(), w.data(), b.data(), N, IC, OC);
+    Act *gx = up_act(x), *gout = up_act(out), *gdx = up_act(dx);
+    float *gw = up(w), *gdw = up(dw), *gdb = up(db);
+    cpu().linear_forward(f32_act(out.data()), f32_act(x.data()), w.data(), b.data(), N, IC, OC);
     gpu().linear_forward(gout, gx, gw, up(b), N, IC, OC);
-    expect_match("linear_forward" + tag, down(gout, out.size()), out, tol);
-    cpu().linear_backward(dx.data(), dw.data(), db.data(), dout.data(), x.data(), w.data(), N, IC, OC);
-    gpu().linear_backward(gdx, gdw, gdb, up(dout), gx, gw, N, IC, OC);
-    expect_match("linear_backward dinp" + tag, down(gdx, dx.size()), dx, tol);
+    expect_match("linear_forward" + tag, down_act(gout, out.size()), out, tol);
+    cpu().linear_backward(f32_act(dx.data()), dw.data(), db.data(), f32_act(dout.data()),
+                          f32_act(x.data()), w.data(), N, IC, OC);
+    gpu().linear_backward(gdx, gdw, gdb, up_act(dout), gx, gw, N, IC, OC);
+    expect_match("linear_backward dinp" + tag, down_act(gdx, dx.size()), dx, tol);
     expect_match("linear_backward dweight" + tag, down(gdw, dw.size()), dw, tol);
     expect_match("linear_backward dbias" + tag, down(gdb, OC), db, {1e-4, 1e-4, 0});
-    // No bias, no dinp.
-    cpu().linear_forward(out.data(), x.data(), w.data(), nullptr, N, IC, OC);
+    // No bias.
+    cpu().linear_forward(f32_act(out.data()), f32_act(x.data()), w.data(), nullptr, N, IC, OC);
     gpu().linear_forward(gout, gx, gw, nullptr, N, IC, OC);
-    expect_match("linear_forward no bias" + tag, down(gout, out.size()), out, tol);
+    expect_match("linear_forward no bias" + tag, down_act(gout, out.size()), out, tol);
   }
 }
 
@@ -212,25 +239,27 @@ TEST_F(CudaOps, LinearSeesUpdatedWeights) {
   const int N = 64, IC = 128, OC = 256;
   std::vector<float> x = random(N * IC), w = random(OC * IC, -0.1, 0.1), out(N * OC);
   std::vector<float> grad = random(OC * IC), m(OC * IC), v(OC * IC);
-  float *gx = up(x), *gw = up(w), *gout = up(out), *gm = up(m), *gv = up(v);
+  Act *gx = up_act(x), *gout = up_act(out);
+  float *gw = up(w), *gm = up(m), *gv = up(v);
   gpu().linear_forward(gout, gx, gw, nullptr, N, IC, OC);  // makes the bf16 copy
   for (int step = 1; step <= 3; ++step) {
     cpu().adamw_update(w.data(), grad.data(), m.data(), v.data(), w.size(), 0.05f, 0.9f, 0.95f,
                        1e-8f, 0.1f, step);
     gpu().adamw_update(gw, up(grad), gm, gv, w.size(), 0.05f, 0.9f, 0.95f, 1e-8f, 0.1f, step);
   }
-  cpu().linear_forward(out.data(), x.data(), w.data(), nullptr, N, IC, OC);
+  cpu().linear_forward(f32_act(out.data()), f32_act(x.data()), w.data(), nullptr, N, IC, OC);
   gpu().linear_forward(gout, gx, gw, nullptr, N, IC, OC);
-  expect_match("linear after adamw", down(gout, out.size()), out, kBf16);
+  expect_match("linear after adamw", down_act(gout, out.size()), out, kBf16);
   w = random(OC * IC, -0.1, 0.1);
   gpu().copy_from_host(gw, w.data(), w.size() * sizeof(float));
-  cpu().linear_forward(out.data(), x.data(), w.data(), nullptr, N, IC, OC);
+  cpu().linear_forward(f32_act(out.data()), f32_act(x.data()), w.data(), nullptr, N, IC, OC);
   gpu().linear_forward(gout, gx, gw, nullptr, N, IC, OC);
-  expect_match("linear after a new weight", down(gout, out.size()), out, kBf16);
+  expect_match("linear after a new weight", down_act(gout, out.size()), out, kBf16);
 }
 
 // One grouped linear forward and backward from host data to host results, on any backend, so
 // that the CPU backend and two CUDA backends (grouped GEMM on and off) run the same case.
+// Activations travel through copy_act_*, so any activation type works.
 struct GroupedLinearCase {
   std::string name;
   int E, IC, OC;
@@ -264,32 +293,43 @@ GroupedLinearTensors run_grouped_linear(Backend& backend, const GroupedLinearCas
     backend.copy_from_host(dev, host.data(), host.size() * sizeof(float));
     return dev;
   };
+  auto up_act = [&](const std::vector<float>& host) {
+    auto* dev = static_cast<Act*>(
+        backend.alloc_bytes(host.size() * act_bytes(backend.activation_type())));
+    owned.push_back(dev);
+    backend.copy_act_from_host(dev, host.data(), host.size());
+    return dev;
+  };
   auto down = [&](std::vector<float>& host, const float* dev) {
     backend.copy_to_host(host.data(), dev, host.size() * sizeof(float));
   };
-  float *gx = up(x), *gw = up(w), *gdout = up(dout), *gout = up(t.out), *gdx = up(t.dx),
-        *gdw = up(t.dw);
+  auto down_act = [&](std::vector<float>& host, const Act* dev) {
+    backend.copy_act_to_host(host.data(), dev, host.size());
+  };
+  Act *gx = up_act(x), *gdout = up_act(dout), *gout = up_act(t.out), *gdx = up_act(t.dx);
+  float *gw = up(w), *gdw = up(t.dw);
   float* gb = c.with_bias ? up(b) : nullptr;
   float* gdb = c.with_bias ? up(t.db) : nullptr;
   backend.grouped_linear_forward(gout, gx, gw, gb, c.offsets.data(), c.E, c.IC, c.OC);
-  float *gpre = up(t.out), *gact = up(t.out), *gdpre = up(t.dx), *ggelu_dw = up(t.dw);
+  Act *gpre = up_act(t.out), *gact = up_act(t.out), *gdpre = up_act(t.dx);
+  float* ggelu_dw = up(t.dw);
   float* ggelu_db = c.with_bias ? up(t.db) : nullptr;
   backend.grouped_linear_backward(gdx, gdw, gdb, gdout, gx, gw, c.offsets.data(), c.E, c.IC,
                                   c.OC);
   backend.grouped_linear_gelu_forward(gpre, gact, gx, gw, gb, c.offsets.data(), c.E, c.IC, c.OC);
   backend.gelu_grouped_linear_backward(gdpre, ggelu_dw, ggelu_db, gdout, gx, gw, gx,
                                        c.offsets.data(), c.E, c.IC, c.OC);
-  down(t.out, gout);
-  down(t.dx, gdx);
+  down_act(t.out, gout);
+  down_act(t.dx, gdx);
   down(t.dw, gdw);
   if (c.with_bias) down(t.db, gdb);
   t.gelu_pre = t.gelu_out = t.out;
   t.dpre = t.dx;
   t.gelu_dw = t.dw;
   t.gelu_db = t.db;
-  down(t.gelu_pre, gpre);
-  down(t.gelu_out, gact);
-  down(t.dpre, gdpre);
+  down_act(t.gelu_pre, gpre);
+  down_act(t.gelu_out, gact);
+  down_act(t.dpre, gdpre);
   down(t.gelu_dw, ggelu_dw);
   if (c.with_bias) down(t.gelu_db, ggelu_db);
   for (void* p : owned) backend.free_bytes(p);
@@ -392,13 +432,13 @@ TEST_F(CudaOps, GroupedLinear) {
 TEST_F(CudaOps, Gelu) {
   const size_t n = 50001;
   std::vector<float> x = random(n, -6, 6), out(n), dout = random(n), dx = random(n);
-  float *gx = up(x), *gout = up(out), *gdx = up(dx);
-  cpu().gelu_forward(out.data(), x.data(), n);
+  Act *gx = up_act(x), *gout = up_act(out), *gdx = up_act(dx);
+  cpu().gelu_forward(f32_act(out.data()), f32_act(x.data()), n);
   gpu().gelu_forward(gout, gx, n);
-  expect_match("gelu_forward", down(gout, n), out, kFp32);
-  cpu().gelu_backward(dx.data(), x.data(), dout.data(), n);
-  gpu().gelu_backward(gdx, gx, up(dout), n);
-  expect_match("gelu_backward", down(gdx, n), dx, kFp32);
+  expect_match("gelu_forward", down_act(gout, n), out, kFp32);
+  cpu().gelu_backward(f32_act(dx.data()), f32_act(x.data()), f32_act(dout.data()), n);
+  gpu().gelu_backward(gdx, gx, up_act(dout), n);
+  expect_match("gelu_backward", down_act(gdx, n), dx, kFp32);
 }
 
 // c_fc + GELU and c_proj's backward through the GELU, with the GELU in cuBLASLt's
@@ -426,9 +466,11 @@ TEST_F(CudaOps, LinearGelu) {
     std::vector<float> pre(c.N * c.OC), out(c.N * c.OC), dpre(c.N * c.OC), dw2 = dw2_0,
                        db2 = db2_0;
     const float* bias = c.with_bias ? b.data() : nullptr;
-    cpu().linear_gelu_forward(pre.data(), out.data(), x.data(), w.data(), bias, c.N, c.IC, c.OC);
-    cpu().gelu_linear_backward(dpre.data(), dw2.data(), db2.data(), dout.data(), out.data(),
-                               w2.data(), pre.data(), c.N, c.OC, c.OC2);
+    cpu().linear_gelu_forward(f32_act(pre.data()), f32_act(out.data()), f32_act(x.data()),
+                              w.data(), bias, c.N, c.IC, c.OC);
+    cpu().gelu_linear_backward(f32_act(dpre.data()), dw2.data(), db2.data(),
+                               f32_act(dout.data()), f32_act(out.data()), w2.data(),
+                               f32_act(pre.data()), c.N, c.OC, c.OC2);
     const Tolerance tol = c.OC > 128 ? kBf16 : Tolerance{1e-4, 1e-4, 0};
     for (const auto& [path, backend] :
          {std::pair<std::string, Backend*>{" fused", fused.get()}, {" unfused", unfused.get()}}) {
@@ -439,24 +481,36 @@ TEST_F(CudaOps, LinearGelu) {
         backend->copy_from_host(p, host.data(), host.size() * sizeof(float));
         return p;
       };
+      auto dev_act = [&](const std::vector<float>& host) {
+        auto* p = static_cast<Act*>(
+            backend->alloc_bytes(host.size() * act_bytes(backend->activation_type())));
+        owned.push_back(p);
+        backend->copy_act_from_host(p, host.data(), host.size());
+        return p;
+      };
       auto host = [&](const float* p, size_t n) {
         std::vector<float> h(n);
         backend->copy_to_host(h.data(), p, n * sizeof(float));
         return h;
       };
-      float *gpre = dev(random(pre.size())), *gout = dev(random(out.size())),
-            *gdpre = dev(random(dpre.size(), 50, 60));
-      backend->linear_gelu_forward(gpre, gout, dev(x), dev(w), c.with_bias ? dev(b) : nullptr,
-                                   c.N, c.IC, c.OC);
+      auto host_act = [&](const Act* p, size_t n) {
+        std::vector<float> h(n);
+        backend->copy_act_to_host(h.data(), p, n);
+        return h;
+      };
+      Act *gpre = dev_act(random(pre.size())), *gout = dev_act(random(out.size())),
+          *gdpre = dev_act(random(dpre.size(), 50, 60));
+      backend->linear_gelu_forward(gpre, gout, dev_act(x), dev(w),
+                                   c.with_bias ? dev(b) : nullptr, c.N, c.IC, c.OC);
       const std::string tag = std::string(c.name) + path;
-      expect_match("linear_gelu_forward pre" + tag, host(gpre, pre.size()), pre, tol);
-      expect_match("linear_gelu_forward out" + tag, host(gout, out.size()), out, tol);
+      expect_match("linear_gelu_forward pre" + tag, host_act(gpre, pre.size()), pre, tol);
+      expect_match("linear_gelu_forward out" + tag, host_act(gout, out.size()), out, tol);
       // The backward reads the CPU's pre and act, so only its own rounding is measured.
       float *gdw2 = dev(dw2_0), *gdb2 = dev(db2_0);
-      backend->gelu_linear_backward(gdpre, gdw2, gdb2, dev(dout), dev(out), dev(w2), dev(pre),
-                                    c.N, c.OC, c.OC2);
+      backend->gelu_linear_backward(gdpre, gdw2, gdb2, dev_act(dout), dev_act(out), dev(w2),
+                                    dev_act(pre), c.N, c.OC, c.OC2);
       const Tolerance tol2 = c.OC2 > 128 ? kBf16 : Tolerance{1e-4, 1e-4, 0};
-      expect_match("gelu_linear_backward dpre" + tag, host(gdpre, dpre.size()), dpre, tol2);
+      expect_match("gelu_linear_backward dpre" + tag, host_act(gdpre, dpre.size()), dpre, tol2);
       expect_match("gelu_linear_backward dweight" + tag, host(gdw2, dw2.size()), dw2, tol2);
       expect_match("gelu_linear_backward dbias" + tag, host(gdb2, db2.size()), db2,
                    {1e-4, 1e-4, 0});
@@ -475,15 +529,16 @@ TEST_F(CudaOps, Attention) {
     std::vector<float> qkv = random(B * T * 3 * C), out(B * T * C), lse(B * NH * T);
     std::vector<float> dout = random(B * T * C), dqkv = random(B * T * 3 * C);
     const std::vector<float> dqkv0 = dqkv;
-    float *gqkv = up(qkv), *gout = up(out), *glse = up(lse), *gdqkv = up(dqkv);
-    cpu().attention_forward(out.data(), lse.data(), qkv.data(), B, T, C, NH);
+    Act *gqkv = up_act(qkv), *gout = up_act(out), *gdqkv = up_act(dqkv);
+    float* glse = up(lse);
+    cpu().attention_forward(f32_act(out.data()), lse.data(), f32_act(qkv.data()), B, T, C, NH);
     gpu().attention_forward(gout, glse, gqkv, B, T, C, NH);
-    expect_match("attention_forward out" + tag, down(gout, out.size()), out, kBf16);
+    expect_match("attention_forward out" + tag, down_act(gout, out.size()), out, kBf16);
     expect_match("attention_forward lse" + tag, down(glse, lse.size()), lse, kBf16);
-    cpu().attention_backward(dqkv.data(), dout.data(), out.data(), qkv.data(), lse.data(), B, T,
-                             C, NH);
-    gpu().attention_backward(gdqkv, up(dout), gout, gqkv, glse, B, T, C, NH);
-    std::vector<float> gdqkv_host = down(gdqkv, dqkv.size());
+    cpu().attention_backward(f32_act(dqkv.data()), f32_act(dout.data()), f32_act(out.data()),
+                             f32_act(qkv.data()), lse.data(), B, T, C, NH);
+    gpu().attention_backward(gdqkv, up_act(dout), gout, gqkv, glse, B, T, C, NH);
+    std::vector<float> gdqkv_host = down_act(gdqkv, dqkv.size());
     expect_match("attention_backward dqkv" + tag, gdqkv_host, dqkv, kBf16);  // accumulates
     // The increments alone: in the sum the random starting values dilute the relative norm
     // (the gradient is 11-42% of their norm here; a backward without dq would still score 0.03).
@@ -504,15 +559,50 @@ TEST_F(CudaOps, CrossEntropy) {
   const int N = 33, V = 50257;
   std::vector<float> logits = random(N * V, -4, 4), losses(N);
   std::vector<int> targets = random_ints(N, V);
-  float *glogits = up(logits), *glosses = up(losses);
+  Act* glogits = up_act(logits);
+  float* glosses = up(losses);
   const int* gtargets = up(targets);
-  cpu().crossentropy_forward(losses.data(), logits.data(), logits.data(), targets.data(), N, V);
+  Act* logits_cpu = f32_act(logits.data());
+  cpu().crossentropy_forward(losses.data(), logits_cpu, logits_cpu, targets.data(), N, V);
   gpu().crossentropy_forward(glosses, glogits, glogits, gtargets, N, V);  // in place, as the model
   expect_match("crossentropy_forward losses", down(glosses, N), losses, kFp32);
-  expect_match("crossentropy_forward probs", down(glogits, logits.size()), logits, {1e-8, 1e-4, 0});
-  cpu().crossentropy_backward(logits.data(), logits.data(), targets.data(), 0.25f, N, V);
+  expect_match("crossentropy_forward probs", down_act(glogits, logits.size()), logits,
+               {1e-8, 1e-4, 0});
+  cpu().crossentropy_backward(logits_cpu, logits_cpu, targets.data(), 0.25f, N, V);
   gpu().crossentropy_backward(glogits, glogits, gtargets, 0.25f, N, V);
-  expect_match("crossentropy_backward", down(glogits, logits.size()), logits, {1e-8, 1e-4, 0});
+  expect_match("crossentropy_backward", down_act(glogits, logits.size()), logits,
+               {1e-8, 1e-4, 0});
+}
+
+// The router's logits from the activations, fp32 throughout: held to fp32 rounding for every
+// E, also wider than linear's fp32 limit (kFp32MaxOutputs = 128), and rows not a multiple of
+// 16 bytes (E = 5, D = 100). The backward with and without dinp.
+TEST_F(CudaOps, RouterLogits) {
+  struct Case {
+    int N, D, E;
+  };
+  for (const Case c : {Case{300, 192, 16}, Case{77, 100, 5}, Case{260, 192, 200}}) {
+    const std::string tag = " (E=" + std::to_string(c.E) + " D=" + std::to_string(c.D) + ")";
+    const Tolerance tol{1e-4, 1e-4, 0};
+    const std::vector<float> x = random(c.N * c.D), w = random(c.E * c.D, -0.1, 0.1),
+                             dlogits = random(c.N * c.E);
+    std::vector<float> logits(c.N * c.E), dx = random(c.N * c.D), dw = random(c.E * c.D);
+    Act *gx = up_act(x), *gdx = up_act(dx);
+    float *gw = up(w), *glogits = up(logits), *gdlogits = up(dlogits), *gdw = up(dw);
+    cpu().router_logits_forward(logits.data(), f32_act(x.data()), w.data(), c.N, c.D, c.E);
+    gpu().router_logits_forward(glogits, gx, gw, c.N, c.D, c.E);
+    expect_match("router_logits_forward" + tag, down(glogits, logits.size()), logits, tol);
+    cpu().router_logits_backward(f32_act(dx.data()), dw.data(), dlogits.data(),
+                                 f32_act(x.data()), w.data(), c.N, c.D, c.E);
+    gpu().router_logits_backward(gdx, gdw, gdlogits, gx, gw, c.N, c.D, c.E);
+    expect_match("router_logits_backward dinp" + tag, down_act(gdx, dx.size()), dx, tol);
+    expect_match("router_logits_backward dweight" + tag, down(gdw, dw.size()), dw, tol);
+    // No dinp: dweight accumulates a second time.
+    cpu().router_logits_backward(nullptr, dw.data(), dlogits.data(), f32_act(x.data()), w.data(),
+                                 c.N, c.D, c.E);
+    gpu().router_logits_backward(nullptr, gdw, gdlogits, gx, gw, c.N, c.D, c.E);
+    expect_match("router_logits_backward no dinp" + tag, down(gdw, dw.size()), dw, tol);
+  }
 }
 
 // The router in fp32: softmax, top-k, capacity, the auxiliary-loss pieces.
@@ -588,23 +678,25 @@ TEST_F(CudaOps, PermuteAndCombine) {
     token_of_row[r] = order[r] / K;
   }
   std::vector<float> x = random(N * D), xr(rows * D), dxr = random(rows * D), dx = random(N * D);
-  float *gx = up(x), *gxr = up(xr), *gdx = up(dx);
-  cpu().gather_rows(xr.data(), x.data(), token_of_row.data(), rows, D);
+  Act *gx = up_act(x), *gxr = up_act(xr), *gdx = up_act(dx);
+  cpu().gather_rows(f32_act(xr.data()), f32_act(x.data()), token_of_row.data(), rows, D);
   gpu().gather_rows(gxr, gx, token_of_row.data(), rows, D);
-  expect_match("gather_rows", down(gxr, xr.size()), xr, kFp32);
-  cpu().scatter_add_rows(dx.data(), dxr.data(), token_of_row.data(), rows, D);
-  gpu().scatter_add_rows(gdx, up(dxr), token_of_row.data(), rows, D);
-  expect_match("scatter_add_rows", down(gdx, dx.size()), dx, kFp32);
+  expect_match("gather_rows", down_act(gxr, xr.size()), xr, kFp32);
+  cpu().scatter_add_rows(f32_act(dx.data()), f32_act(dxr.data()), token_of_row.data(), rows, D);
+  gpu().scatter_add_rows(gdx, up_act(dxr), token_of_row.data(), rows, D);
+  expect_match("scatter_add_rows", down_act(gdx, dx.size()), dx, kFp32);
   std::vector<float> y = random(rows * D), gates = random(N * K, 0, 1), out(N * D);
   std::vector<float> dout = random(N * D), dy = random(rows * D), dgates = random(N * K);
-  float *gy = up(y), *ggates = up(gates), *gout = up(out), *gdy = up(dy), *gdgates = up(dgates);
-  cpu().combine_forward(out.data(), y.data(), gates.data(), row.data(), N, K, D);
+  Act *gy = up_act(y), *gout = up_act(out), *gdy = up_act(dy);
+  float *ggates = up(gates), *gdgates = up(dgates);
+  cpu().combine_forward(f32_act(out.data()), f32_act(y.data()), gates.data(), row.data(), N, K,
+                        D);
   gpu().combine_forward(gout, gy, ggates, row.data(), N, K, D);
-  expect_match("combine_forward", down(gout, out.size()), out, kFp32);
-  cpu().combine_backward(dy.data(), dgates.data(), dout.data(), y.data(), gates.data(), row.data(),
-                         N, K, D);
-  gpu().combine_backward(gdy, gdgates, up(dout), gy, ggates, row.data(), N, K, D);
-  expect_match("combine_backward dy", down(gdy, dy.size()), dy, kFp32);
+  expect_match("combine_forward", down_act(gout, out.size()), out, kFp32);
+  cpu().combine_backward(f32_act(dy.data()), dgates.data(), f32_act(dout.data()),
+                         f32_act(y.data()), gates.data(), row.data(), N, K, D);
+  gpu().combine_backward(gdy, gdgates, up_act(dout), gy, ggates, row.data(), N, K, D);
+  expect_match("combine_backward dy", down_act(gdy, dy.size()), dy, kFp32);
   expect_match("combine_backward dgates", down(gdgates, dgates.size()), dgates, {1e-4, 1e-4, 0});
 }
 
@@ -633,12 +725,13 @@ TEST_F(CudaOps, ProfileTableCountsTheOps) {
   std::string table;
   {
     StderrNotes notes;
-    auto* ga = static_cast<float*>(profiled->alloc_bytes(n * 4));
-    auto* gb = static_cast<float*>(profiled->alloc_bytes(n * 4));
-    profiled->copy_from_host(ga, a.data(), n * 4);
-    profiled->copy_from_host(gb, b.data(), n * 4);
+    const size_t bytes = n * act_bytes(profiled->activation_type());
+    auto* ga = static_cast<Act*>(profiled->alloc_bytes(bytes));
+    auto* gb = static_cast<Act*>(profiled->alloc_bytes(bytes));
+    profiled->copy_act_from_host(ga, a.data(), n);
+    profiled->copy_act_from_host(gb, b.data(), n);
     for (int i = 0; i < 3; ++i) profiled->add(gb, ga, gb, n);  // b + 3a
-    profiled->copy_to_host(got.data(), gb, n * 4);
+    profiled->copy_act_to_host(got.data(), gb, n);
     profiled->free_bytes(ga);
     profiled->free_bytes(gb);
     profiled.reset();
@@ -650,7 +743,7 @@ TEST_F(CudaOps, ProfileTableCountsTheOps) {
   const size_t add_row = table.find("moe:   add ");
   ASSERT_NE(add_row, std::string::npos) << table;
   EXPECT_EQ(std::stoll(table.substr(table.find_first_not_of(' ', add_row + 10))), 3) << table;
-  EXPECT_NE(table.find("moe:   copy_from_host "), std::string::npos) << table;
+  EXPECT_NE(table.find("moe:   copy_act_from_host "), std::string::npos) << table;
 }
 
 }  // namespace

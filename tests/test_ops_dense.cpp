@@ -7,11 +7,13 @@
 // values, so the checks also prove the backward accumulates (+=) rather than writes.
 // Every comparison prints the worst difference it saw.
 //
-// The CPU backend's memory is host memory, so the tests hand it std::vector storage directly.
+// The CPU backend's memory is host memory, so the tests hand it std::vector storage directly;
+// its activations are fp32, so float vectors pass as activations (as_act, core/activation.h).
 #include <gtest/gtest.h>
 #include <omp.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <numbers>
@@ -19,7 +21,9 @@
 #include <string>
 #include <vector>
 
+#include "core/activation.h"
 #include "core/backend.h"
+#include "core/buffer.h"
 #include "gradcheck.h"
 
 namespace moe {
@@ -34,6 +38,9 @@ constexpr double kFdAbs = 1e-3;   // analytic vs finite-difference gradient of a
 constexpr double kFdRel = 5e-3;
 constexpr double kRefAbs = 1e-5;  // fp32 forward vs double reference
 constexpr double kRefRel = 1e-5;
+
+// A host float vector as CPU-backend activations (fp32 there).
+Act* as_act(std::vector<float>& v) { return f32_act(v.data()); }
 
 // The gradient a backward added: the buffer after it minus what it held before.
 std::vector<double> accumulated(const std::vector<float>& after, const std::vector<float>& before) {
@@ -61,16 +68,20 @@ TEST_F(DenseOps, ElementwiseMatchReference) {
     std::vector<double> want(n);
     const std::string tag = " n=" + std::to_string(n);
 
-    be->add(out.data(), a.data(), b.data(), n);
+    be->add(as_act(out), as_act(a), as_act(b), n);
     for (size_t i = 0; i < n; i++) want[i] = a[i] + b[i];
     EXPECT_TRUE(expect_close("add" + tag, out, want, 0.0, 0.0));
 
-    be->mul(out.data(), a.data(), b.data(), n);
+    be->mul(as_act(out), as_act(a), b.data(), n);
     for (size_t i = 0; i < n; i++) want[i] = a[i] * b[i];
     EXPECT_TRUE(expect_close("mul" + tag, out, want, 0.0, 0.0));
 
+    std::vector<float> in_place = a;  // out may alias a (the router scales a gradient in place)
+    be->mul(as_act(in_place), as_act(in_place), b.data(), n);
+    EXPECT_TRUE(expect_close("mul in place" + tag, in_place, want, 0.0, 0.0));
+
     std::vector<float> acc = a;
-    be->accumulate(acc.data(), b.data(), n);
+    be->accumulate(as_act(acc), as_act(b), n);
     for (size_t i = 0; i < n; i++) want[i] = a[i] + b[i];
     EXPECT_TRUE(expect_close("accumulate" + tag, acc, want, 0.0, 0.0));
 
@@ -118,6 +129,40 @@ TEST_F(DenseOps, AllFiniteFindsNanAndInf) {
   EXPECT_TRUE(be->all_finite(big.data(), big.size()));
 }
 
+// ---- activations: fp32 on the CPU, the host copies plain copies --------------------------
+
+// Elements whose bits differ (NaN == NaN here, -0 != +0).
+size_t bitwise_mismatches(const float* a, const float* b, size_t n) {
+  size_t count = 0;
+  for (size_t i = 0; i < n; i++) count += std::memcmp(a + i, b + i, sizeof(float)) != 0;
+  return count;
+}
+
+TEST_F(DenseOps, ActivationsAreFp32AndCopiesRoundTrip) {
+  EXPECT_EQ(be->activation_type(), ActType::kF32);
+  const size_t n = 1037;
+  std::vector<float> host = random(n);
+  host[5] = std::numeric_limits<float>::quiet_NaN();  // every bit pattern survives
+  host[6] = -0.0f;
+  host[7] = std::numeric_limits<float>::denorm_min();
+  ActBuffer dev(*be, n);
+  EXPECT_EQ(dev.type(), ActType::kF32);
+  be->copy_act_from_host(dev.data(), host.data(), n);
+  // In backend memory the elements are the floats themselves.
+  const size_t in_memory = bitwise_mismatches(act_f32(dev.data()), host.data(), n);
+  std::vector<float> back(n, 7.0f);
+  be->copy_act_to_host(back.data(), dev.data(), n);
+  const size_t round_trip = bitwise_mismatches(back.data(), host.data(), n);
+  std::printf("  copy_act n=%zu: %zu differ in backend memory, %zu after the round trip\n", n,
+              in_memory, round_trip);
+  EXPECT_EQ(in_memory, 0u);
+  EXPECT_EQ(round_trip, 0u);
+  std::vector<float> untouched(3, 7.0f);  // n = 0 copies nothing
+  be->copy_act_to_host(untouched.data(), nullptr, 0);
+  be->copy_act_from_host(nullptr, untouched.data(), 0);
+  EXPECT_EQ(untouched, std::vector<float>(3, 7.0f));
+}
+
 // ---- embedding ---------------------------------------------------------------------------
 
 TEST_F(DenseOps, EmbeddingForwardMatchesReference) {
@@ -125,7 +170,7 @@ TEST_F(DenseOps, EmbeddingForwardMatchesReference) {
   std::vector<int> idx = {0, 3, 3, 6, 1, 3, 0, 2, 5, 3};  // (B,T) with repeats
   std::vector<float> wte = random(V * C), wpe = random(Tmax * C);
   std::vector<float> out(B * T * C);
-  be->embedding_forward(out.data(), idx.data(), wte.data(), wpe.data(), B, T, C);
+  be->embedding_forward(as_act(out), idx.data(), wte.data(), wpe.data(), B, T, C);
   std::vector<double> want(out.size());
   for (int b = 0; b < B; b++)
     for (int t = 0; t < T; t++)
@@ -141,12 +186,12 @@ TEST_F(DenseOps, EmbeddingBackwardMatchesFiniteDifferences) {
   std::vector<float> dout = random(B * T * C);
   std::vector<float> out(B * T * C);
   auto loss = [&](const std::vector<float>&) {
-    be->embedding_forward(out.data(), idx.data(), wte.data(), wpe.data(), B, T, C);
+    be->embedding_forward(as_act(out), idx.data(), wte.data(), wpe.data(), B, T, C);
     return dot(dout, out);
   };
   const std::vector<float> dwte0 = random(V * C), dwpe0 = random(Tmax * C);
   std::vector<float> dwte = dwte0, dwpe = dwpe0;
-  be->embedding_backward(dwte.data(), dwpe.data(), dout.data(), idx.data(), B, T, C);
+  be->embedding_backward(dwte.data(), dwpe.data(), as_act(dout), idx.data(), B, T, C);
   EXPECT_TRUE(expect_close("embedding dwte", accumulated(dwte, dwte0),
                            finite_differences(loss, wte), kFdAbs, kFdRel));
   EXPECT_TRUE(expect_close("embedding dwpe", accumulated(dwpe, dwpe0),
@@ -161,7 +206,7 @@ TEST_F(DenseOps, EmbeddingBackwardMatchesSerialSumOnRaggedBlocks) {
   for (int i = 0; i < B * T; i++) idx[i] = (i * 7 + i / 3) % V;
   std::vector<float> dout = random(B * T * C);
   std::vector<float> dwte(V * C), dwpe(T * C);
-  be->embedding_backward(dwte.data(), dwpe.data(), dout.data(), idx.data(), B, T, C);
+  be->embedding_backward(dwte.data(), dwpe.data(), as_act(dout), idx.data(), B, T, C);
   std::vector<double> want_wte(V * C), want_wpe(T * C);
   for (int bt = 0; bt < B * T; bt++)
     for (int c = 0; c < C; c++) {
@@ -208,7 +253,7 @@ TEST_F(DenseOps, LayernormForwardMatchesReference) {
   std::vector<float> inp = layernorm_input(N, C, rng);
   std::vector<float> weight = random(C, 0.5f, 1.5f), bias = random(C);
   std::vector<float> out(N * C), mean(N), rstd(N);
-  be->layernorm_forward(out.data(), mean.data(), rstd.data(), inp.data(), weight.data(),
+  be->layernorm_forward(as_act(out), mean.data(), rstd.data(), as_act(inp), weight.data(),
                         bias.data(), N, C);
   std::vector<double> want_out, want_mean, want_rstd;
   layernorm_reference(want_out, want_mean, want_rstd, inp, weight, bias, N, C);
@@ -224,14 +269,14 @@ TEST_F(DenseOps, LayernormBackwardMatchesFiniteDifferences) {
   std::vector<float> dout = random(N * C);
   std::vector<float> out(N * C), mean(N), rstd(N);
   auto loss = [&](const std::vector<float>&) {
-    be->layernorm_forward(out.data(), mean.data(), rstd.data(), inp.data(), weight.data(),
+    be->layernorm_forward(as_act(out), mean.data(), rstd.data(), as_act(inp), weight.data(),
                           bias.data(), N, C);
     return dot(dout, out);
   };
   loss(inp);  // saves mean and rstd for the backward
   const std::vector<float> dinp0 = random(N * C), dweight0 = random(C), dbias0 = random(C);
   std::vector<float> dinp = dinp0, dweight = dweight0, dbias = dbias0;
-  be->layernorm_backward(dinp.data(), dweight.data(), dbias.data(), dout.data(), inp.data(),
+  be->layernorm_backward(as_act(dinp), dweight.data(), dbias.data(), as_act(dout), as_act(inp),
                          weight.data(), mean.data(), rstd.data(), N, C);
   EXPECT_TRUE(expect_close("layernorm dinp", accumulated(dinp, dinp0),
                            finite_differences(loss, inp), kFdAbs, kFdRel));
@@ -260,12 +305,12 @@ TEST_F(DenseOps, LinearForwardMatchesReference) {
   const int N = 37, IC = 70, OC = 45;
   std::vector<float> inp = random(N * IC), weight = random(OC * IC), bias = random(OC);
   std::vector<float> out(N * OC, 123.0f);  // the forward must overwrite, not add
-  be->linear_forward(out.data(), inp.data(), weight.data(), bias.data(), N, IC, OC);
+  be->linear_forward(as_act(out), as_act(inp), weight.data(), bias.data(), N, IC, OC);
   EXPECT_TRUE(expect_close("linear out", out,
                            linear_reference(inp, weight, bias.data(), N, IC, OC), kRefAbs,
                            kRefRel));
   std::fill(out.begin(), out.end(), 123.0f);
-  be->linear_forward(out.data(), inp.data(), weight.data(), nullptr, N, IC, OC);
+  be->linear_forward(as_act(out), as_act(inp), weight.data(), nullptr, N, IC, OC);
   EXPECT_TRUE(expect_close("linear out (no bias)", out,
                            linear_reference(inp, weight, nullptr, N, IC, OC), kRefAbs, kRefRel));
 }
@@ -276,12 +321,12 @@ TEST_F(DenseOps, LinearBackwardMatchesFiniteDifferences) {
   std::vector<float> dout = random(N * OC);
   std::vector<float> out(N * OC);
   auto loss = [&](const std::vector<float>&) {
-    be->linear_forward(out.data(), inp.data(), weight.data(), bias.data(), N, IC, OC);
+    be->linear_forward(as_act(out), as_act(inp), weight.data(), bias.data(), N, IC, OC);
     return dot(dout, out);
   };
   const std::vector<float> dinp0 = random(N * IC), dweight0 = random(OC * IC), dbias0 = random(OC);
   std::vector<float> dinp = dinp0, dweight = dweight0, dbias = dbias0;
-  be->linear_backward(dinp.data(), dweight.data(), dbias.data(), dout.data(), inp.data(),
+  be->linear_backward(as_act(dinp), dweight.data(), dbias.data(), as_act(dout), as_act(inp),
                       weight.data(), N, IC, OC);
   EXPECT_TRUE(expect_close("linear dinp", accumulated(dinp, dinp0), finite_differences(loss, inp),
                            kFdAbs, kFdRel));
@@ -307,14 +352,14 @@ TEST_F(DenseOps, LinearBackwardMatchesReferenceAndSkipsNullGradients) {
       }
     }
   std::vector<float> dinp(N * IC), dweight(OC * IC), dbias(OC);
-  be->linear_backward(dinp.data(), dweight.data(), dbias.data(), dout.data(), inp.data(),
+  be->linear_backward(as_act(dinp), dweight.data(), dbias.data(), as_act(dout), as_act(inp),
                       weight.data(), N, IC, OC);
   EXPECT_TRUE(expect_close("linear dinp (ref)", dinp, want_dinp, 1e-4, kRefRel));
   EXPECT_TRUE(expect_close("linear dweight (ref)", dweight, want_dweight, 1e-4, kRefRel));
   EXPECT_TRUE(expect_close("linear dbias (ref)", dbias, want_dbias, 1e-4, kRefRel));
 
   std::vector<float> dweight_only(OC * IC);
-  be->linear_backward(nullptr, dweight_only.data(), nullptr, dout.data(), inp.data(),
+  be->linear_backward(nullptr, dweight_only.data(), nullptr, as_act(dout), as_act(inp),
                       weight.data(), N, IC, OC);
   EXPECT_TRUE(expect_close("linear dweight (null dinp, dbias)", dweight_only, want_dweight, 1e-4,
                            kRefRel));
@@ -341,12 +386,12 @@ TEST_F(DenseOps, GeluForwardMatchesReference) {
   for (int i = -10000; i <= 10000; i++) inp.push_back(i * 0.0012f);
   for (float x : {-1e4f, -100.0f, -30.0f, 30.0f, 100.0f, 1e4f}) inp.push_back(x);
   std::vector<float> out(inp.size());
-  be->gelu_forward(out.data(), inp.data(), inp.size());
+  be->gelu_forward(as_act(out), as_act(inp), inp.size());
   std::vector<double> want(inp.size());
   for (size_t i = 0; i < inp.size(); i++) want[i] = gelu_reference(inp[i]);
   EXPECT_TRUE(expect_close("gelu out", out, want, kRefAbs, kRefRel));
   std::vector<float> dinp(inp.size()), ones(inp.size(), 1.0f);
-  be->gelu_backward(dinp.data(), inp.data(), ones.data(), inp.size());
+  be->gelu_backward(as_act(dinp), as_act(inp), as_act(ones), inp.size());
   for (size_t i = 0; i < inp.size(); i++) want[i] = gelu_derivative_reference(inp[i]);
   EXPECT_TRUE(expect_close("gelu derivative", dinp, want, kRefAbs, kRefRel));
 }
@@ -355,12 +400,12 @@ TEST_F(DenseOps, GeluBackwardMatchesFiniteDifferences) {
   const size_t n = 64;
   std::vector<float> inp = random(n, -4.0f, 4.0f), dout = random(n), out(n);
   auto loss = [&](const std::vector<float>&) {
-    be->gelu_forward(out.data(), inp.data(), n);
+    be->gelu_forward(as_act(out), as_act(inp), n);
     return dot(dout, out);
   };
   const std::vector<float> dinp0 = random(n);
   std::vector<float> dinp = dinp0;
-  be->gelu_backward(dinp.data(), inp.data(), dout.data(), n);
+  be->gelu_backward(as_act(dinp), as_act(inp), as_act(dout), n);
   EXPECT_TRUE(expect_close("gelu dinp", accumulated(dinp, dinp0), finite_differences(loss, inp),
                            kFdAbs, kFdRel));
 }
@@ -371,7 +416,7 @@ TEST_F(DenseOps, LinearGeluForwardMatchesReference) {
   const int N = 37, IC = 70, OC = 45;
   std::vector<float> inp = random(N * IC), weight = random(OC * IC), bias = random(OC);
   std::vector<float> pre(N * OC, 123.0f), out(N * OC, 123.0f);  // both overwritten
-  be->linear_gelu_forward(pre.data(), out.data(), inp.data(), weight.data(), bias.data(), N, IC,
+  be->linear_gelu_forward(as_act(pre), as_act(out), as_act(inp), weight.data(), bias.data(), N, IC,
                           OC);
   const std::vector<double> want_pre = linear_reference(inp, weight, bias.data(), N, IC, OC);
   std::vector<double> want_out(want_pre.size());
@@ -389,24 +434,24 @@ TEST_F(DenseOps, GeluLinearBackwardMatchesFiniteDifferences) {
                      bias = random(OC);
   std::vector<float> dout = random(N * OC), act(N * IC), y(N * OC);
   auto loss = [&](const std::vector<float>&) {
-    be->gelu_forward(act.data(), pre.data(), act.size());
-    be->linear_forward(y.data(), act.data(), weight.data(), bias.data(), N, IC, OC);
+    be->gelu_forward(as_act(act), as_act(pre), act.size());
+    be->linear_forward(as_act(y), as_act(act), weight.data(), bias.data(), N, IC, OC);
     return dot(dout, y);
   };
   loss(pre);  // act = gelu(pre), the op's input
   std::vector<float> dpre = random(N * IC, 50.0f, 60.0f);
   const std::vector<float> dweight0 = random(OC * IC), dbias0 = random(OC);
   std::vector<float> dweight = dweight0, dbias = dbias0;
-  be->gelu_linear_backward(dpre.data(), dweight.data(), dbias.data(), dout.data(), act.data(),
-                           weight.data(), pre.data(), N, IC, OC);
+  be->gelu_linear_backward(as_act(dpre), dweight.data(), dbias.data(), as_act(dout), as_act(act),
+                           weight.data(), as_act(pre), N, IC, OC);
   EXPECT_TRUE(expect_close("gelu_linear dpre", dpre, finite_differences(loss, pre), kFdAbs,
                            kFdRel));
   EXPECT_TRUE(expect_close("gelu_linear dweight", accumulated(dweight, dweight0),
                            finite_differences(loss, weight), kFdAbs, kFdRel));
   EXPECT_TRUE(expect_close("gelu_linear dbias", accumulated(dbias, dbias0),
                            finite_differences(loss, bias), kFdAbs, kFdRel));
-  be->gelu_linear_backward(dpre.data(), dweight.data(), nullptr, dout.data(), act.data(),
-                           weight.data(), pre.data(), N, IC, 0);
+  be->gelu_linear_backward(as_act(dpre), dweight.data(), nullptr, as_act(dout), as_act(act),
+                           weight.data(), as_act(pre), N, IC, 0);
   EXPECT_TRUE(expect_close("gelu_linear dpre (no outputs)", dpre,
                            std::vector<double>(N * IC, 0.0), 0.0, 0.0));
 }
@@ -450,7 +495,7 @@ void check_attention_forward(Backend& be, std::mt19937& rng, int B, int T, int C
                           " C=" + std::to_string(C) + " NH=" + std::to_string(NH) + ")";
   std::vector<float> qkv = random_vector(B * T * 3 * C, rng, -2.0f, 2.0f);
   std::vector<float> out(B * T * C, 7.0f), lse(B * NH * T, 7.0f);  // both must be fully written
-  be.attention_forward(out.data(), lse.data(), qkv.data(), B, T, C, NH);
+  be.attention_forward(as_act(out), lse.data(), as_act(qkv), B, T, C, NH);
   std::vector<double> want_out, want_lse;
   attention_reference(want_out, want_lse, qkv, B, T, C, NH);
   EXPECT_TRUE(expect_close("attention out" + tag, out, want_out, kRefAbs, kRefRel));
@@ -471,13 +516,13 @@ void check_attention_backward(Backend& be, std::mt19937& rng, int B, int T, int 
   std::vector<float> dout = random_vector(B * T * C, rng, -1.0f, 1.0f);
   std::vector<float> out(B * T * C), lse(B * NH * T);
   auto loss = [&](const std::vector<float>&) {
-    be.attention_forward(out.data(), lse.data(), qkv.data(), B, T, C, NH);
+    be.attention_forward(as_act(out), lse.data(), as_act(qkv), B, T, C, NH);
     return dot(dout, out);
   };
   loss(qkv);  // saves out and lse for the backward
   const std::vector<float> dqkv0 = random_vector(B * T * 3 * C, rng, -1.0f, 1.0f);
   std::vector<float> dqkv = dqkv0;
-  be.attention_backward(dqkv.data(), dout.data(), out.data(), qkv.data(), lse.data(), B, T, C,
+  be.attention_backward(as_act(dqkv), as_act(dout), as_act(out), as_act(qkv), lse.data(), B, T, C,
                         NH);
   EXPECT_TRUE(expect_close("attention dqkv" + tag, accumulated(dqkv, dqkv0),
                            finite_differences(loss, qkv), kFdAbs, kFdRel));
@@ -505,12 +550,12 @@ TEST_F(DenseOps, CrossentropyForwardMatchesReferenceAlsoInPlace) {
     want_losses[i] = std::log(sum) + max - logits[i * V + targets[i]];
   }
   std::vector<float> losses(N), probs(N * V);
-  be->crossentropy_forward(losses.data(), probs.data(), logits.data(), targets.data(), N, V);
+  be->crossentropy_forward(losses.data(), as_act(probs), as_act(logits), targets.data(), N, V);
   EXPECT_TRUE(expect_close("crossentropy losses", losses, want_losses, kRefAbs, kRefRel));
   EXPECT_TRUE(expect_close("crossentropy probs", probs, want_probs, kRefAbs, kRefRel));
 
   std::vector<float> in_place = logits, in_place_losses(N);  // probs written over the logits
-  be->crossentropy_forward(in_place_losses.data(), in_place.data(), in_place.data(),
+  be->crossentropy_forward(in_place_losses.data(), as_act(in_place), as_act(in_place),
                            targets.data(), N, V);
   EXPECT_TRUE(expect_close("crossentropy losses (in place)", in_place_losses, want_losses,
                            kRefAbs, kRefRel));
@@ -525,7 +570,7 @@ TEST_F(DenseOps, CrossentropyBackwardMatchesFiniteDifferencesAlsoInPlace) {
   std::vector<int> targets = {0, 10, 4, 0, 5, 5};
   std::vector<float> losses(N), probs(N * V);
   auto loss = [&](const std::vector<float>&) {
-    be->crossentropy_forward(losses.data(), probs.data(), logits.data(), targets.data(), N, V);
+    be->crossentropy_forward(losses.data(), as_act(probs), as_act(logits), targets.data(), N, V);
     double sum = 0.0;
     for (float l : losses) sum += double{dloss} * l;
     return sum;
@@ -535,14 +580,14 @@ TEST_F(DenseOps, CrossentropyBackwardMatchesFiniteDifferencesAlsoInPlace) {
   loss(logits);  // probs again for the unperturbed logits
 
   std::vector<float> dlogits = random(N * V, 100.0f, 200.0f);  // written, not accumulated
-  be->crossentropy_backward(dlogits.data(), probs.data(), targets.data(), dloss, N, V);
+  be->crossentropy_backward(as_act(dlogits), as_act(probs), targets.data(), dloss, N, V);
   EXPECT_TRUE(expect_close("crossentropy dlogits", dlogits, want, kFdAbs, kFdRel));
 
   // The model's path: forward in place over the logits, then backward in place over probs.
   std::vector<float> buffer = logits, in_place_losses(N);
-  be->crossentropy_forward(in_place_losses.data(), buffer.data(), buffer.data(), targets.data(),
+  be->crossentropy_forward(in_place_losses.data(), as_act(buffer), as_act(buffer), targets.data(),
                            N, V);
-  be->crossentropy_backward(buffer.data(), buffer.data(), targets.data(), dloss, N, V);
+  be->crossentropy_backward(as_act(buffer), as_act(buffer), targets.data(), dloss, N, V);
   EXPECT_TRUE(expect_close("crossentropy dlogits (in place)", buffer, want, kFdAbs, kFdRel));
   EXPECT_TRUE(expect_close("crossentropy in place == separate", buffer,
                            std::vector<double>(dlogits.begin(), dlogits.end()), 0.0, 0.0));
@@ -592,8 +637,8 @@ TEST_F(DenseOps, BackwardsAddToWhatTheGradientsHold) {
   std::vector<float> wl = random(3 * C * C), qkv = random(N * 3 * C);
   std::vector<float> dout = random(N * C), dout3 = random(N * 3 * C);
   std::vector<float> mean(N), rstd(N), out(N * C), lse(B * NH * T), att_out(N * C);
-  be->layernorm_forward(out.data(), mean.data(), rstd.data(), x.data(), w.data(), b.data(), N, C);
-  be->attention_forward(att_out.data(), lse.data(), qkv.data(), B, T, C, NH);
+  be->layernorm_forward(as_act(out), mean.data(), rstd.data(), as_act(x), w.data(), b.data(), N, C);
+  be->attention_forward(as_act(att_out), lse.data(), as_act(qkv), B, T, C, NH);
 
   // run(grads) calls one backward into the given buffers.
   auto check = [&](const std::string& what, std::vector<std::vector<float>> shapes,
@@ -613,24 +658,24 @@ TEST_F(DenseOps, BackwardsAddToWhatTheGradientsHold) {
   };
   using Grads = std::vector<std::vector<float>>;
   check("embedding", {std::vector<float>(V * C), std::vector<float>(T * C)}, [&](Grads& g) {
-    be->embedding_backward(g[0].data(), g[1].data(), dout.data(), idx.data(), B, T, C);
+    be->embedding_backward(g[0].data(), g[1].data(), as_act(dout), idx.data(), B, T, C);
   });
   check("layernorm", {std::vector<float>(N * C), std::vector<float>(C), std::vector<float>(C)},
         [&](Grads& g) {
-          be->layernorm_backward(g[0].data(), g[1].data(), g[2].data(), dout.data(), x.data(),
+          be->layernorm_backward(as_act(g[0]), g[1].data(), g[2].data(), as_act(dout), as_act(x),
                                  w.data(), mean.data(), rstd.data(), N, C);
         });
   check("linear",
         {std::vector<float>(N * C), std::vector<float>(3 * C * C), std::vector<float>(3 * C)},
         [&](Grads& g) {
-          be->linear_backward(g[0].data(), g[1].data(), g[2].data(), dout3.data(), x.data(),
+          be->linear_backward(as_act(g[0]), g[1].data(), g[2].data(), as_act(dout3), as_act(x),
                               wl.data(), N, C, 3 * C);
         });
   check("gelu", {std::vector<float>(N * C)}, [&](Grads& g) {
-    be->gelu_backward(g[0].data(), x.data(), dout.data(), N * C);
+    be->gelu_backward(as_act(g[0]), as_act(x), as_act(dout), N * C);
   });
   check("attention", {std::vector<float>(N * 3 * C)}, [&](Grads& g) {
-    be->attention_backward(g[0].data(), dout.data(), att_out.data(), qkv.data(), lse.data(), B,
+    be->attention_backward(as_act(g[0]), as_act(dout), as_act(att_out), as_act(qkv), lse.data(), B,
                            T, C, NH);
   });
 }
@@ -643,15 +688,15 @@ TEST_F(DenseOps, ReductionsDoNotDependOnThreadCount) {
   for (int i = 0; i < N; i++) idx[i] = (i * 5) % V;
   std::vector<float> x = layernorm_input(N, C, rng), w = random(C), b = random(C);
   std::vector<float> dout = random(N * C), mean(N), rstd(N), out(N * C);
-  be->layernorm_forward(out.data(), mean.data(), rstd.data(), x.data(), w.data(), b.data(), N, C);
+  be->layernorm_forward(as_act(out), mean.data(), rstd.data(), as_act(x), w.data(), b.data(), N, C);
 
   auto run = [&](int threads) {
     const int saved = omp_get_max_threads();
     omp_set_num_threads(threads);
     std::vector<float> dx(N * C), dw(C), db(C), dwte(V * C), dwpe(T * C);
-    be->layernorm_backward(dx.data(), dw.data(), db.data(), dout.data(), x.data(), w.data(),
+    be->layernorm_backward(as_act(dx), dw.data(), db.data(), as_act(dout), as_act(x), w.data(),
                            mean.data(), rstd.data(), N, C);
-    be->embedding_backward(dwte.data(), dwpe.data(), dout.data(), idx.data(), B, T, C);
+    be->embedding_backward(dwte.data(), dwpe.data(), as_act(dout), idx.data(), B, T, C);
     omp_set_num_threads(saved);
     std::vector<float> all;
     for (auto* g : {&dx, &dw, &db, &dwte, &dwpe}) all.insert(all.end(), g->begin(), g->end());

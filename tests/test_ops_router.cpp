@@ -1,7 +1,9 @@
-// Router and expert ops of the CPU backend: grouped linear, softmax, top-k, capacity, the
-// auxiliary-loss helpers, token permutation and combine. Gradients are checked against central
-// finite differences (loss accumulated in double), forwards against plain double references,
-// capacity against layouts written out by hand. Every test prints the worst difference it saw.
+// Router and expert ops of the CPU backend: grouped linear, router logits, softmax, top-k,
+// capacity, the auxiliary-loss helpers, token permutation and combine. Gradients are checked
+// against central finite differences (loss accumulated in double), forwards against plain double
+// references, capacity against layouts written out by hand. Every test prints the worst
+// difference it saw. The CPU backend's activations are fp32, so float buffers pass as
+// activations (as_act, core/activation.h).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -15,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "core/activation.h"
 #include "core/backend.h"
 
 namespace moe {
@@ -46,6 +49,9 @@ class Buf {
   std::vector<T> h;  // host mirror
   T* d = nullptr;    // backend memory
 };
+
+// A float buffer as CPU-backend activations (fp32 there).
+Act* as_act(Buf<float>& b) { return f32_act(b.d); }
 
 std::vector<float> random_vec(size_t n, uint32_t seed, float lo = -1.0f, float hi = 1.0f) {
   std::mt19937 rng(seed);
@@ -143,12 +149,12 @@ TEST(RouterOps, GroupedLinearForwardMatchesReference) {
   Buf<float> b(*be, random_vec((size_t)E * OC, 3));       // (E,OC)
   // Forward writes: stale values in out must not leak into the result.
   Buf<float> out(*be, std::vector<float>((size_t)rows * OC, 123.0f));  // (rows,OC)
-  be->grouped_linear_forward(out.d, inp.d, w.d, b.d, P.offsets.data(), E, IC, OC);
+  be->grouped_linear_forward(as_act(out), as_act(inp), w.d, b.d, P.offsets.data(), E, IC, OC);
   expect_close("grouped_linear out", to_double(out.download()),
                grouped_linear_ref(inp.h, w.h, &b.h, P.offsets, E, IC, OC), 1e-5, 1e-5);
   out.h.assign(out.size(), 123.0f);
   out.upload();
-  be->grouped_linear_forward(out.d, inp.d, w.d, nullptr, P.offsets.data(), E, IC, OC);
+  be->grouped_linear_forward(as_act(out), as_act(inp), w.d, nullptr, P.offsets.data(), E, IC, OC);
   expect_close("grouped_linear out (no bias)", to_double(out.download()),
                grouped_linear_ref(inp.h, w.h, nullptr, P.offsets, E, IC, OC), 1e-5, 1e-5);
 }
@@ -164,15 +170,15 @@ TEST(RouterOps, GroupedLinearGradients) {
   std::vector<float> wout = random_vec((size_t)rows * OC, 14);  // loss weights = dout
   Buf<float> dout(*be, wout);                                   // (rows,OC)
   auto loss = [&] {
-    be->grouped_linear_forward(out.d, inp.d, w.d, b.d, P.offsets.data(), E, IC, OC);
+    be->grouped_linear_forward(as_act(out), as_act(inp), w.d, b.d, P.offsets.data(), E, IC, OC);
     return weighted_sum(wout, out.download());
   };
   // Gradient buffers start non-zero: backward must add to them.
   std::vector<float> dinp0 = random_vec(inp.size(), 15), dw0 = random_vec(w.size(), 16),
                      db0 = random_vec(b.size(), 17);
   Buf<float> dinp(*be, dinp0), dw(*be, dw0), db(*be, db0);
-  be->grouped_linear_backward(dinp.d, dw.d, db.d, dout.d, inp.d, w.d, P.offsets.data(), E, IC,
-                              OC);
+  be->grouped_linear_backward(as_act(dinp), dw.d, db.d, as_act(dout), as_act(inp), w.d,
+                              P.offsets.data(), E, IC, OC);
   expect_close("grouped_linear dinp", accumulated(dinp.download(), dinp0),
                numeric_grad(inp, loss), kGradAtol, kGradRtol);
   expect_close("grouped_linear dweight", accumulated(dw.download(), dw0), numeric_grad(w, loss),
@@ -185,8 +191,8 @@ TEST(RouterOps, GroupedLinearGradients) {
 
   // dinp and dbias are optional: the weight gradient must not change without them.
   Buf<float> dw_only(*be, dw0);
-  be->grouped_linear_backward(nullptr, dw_only.d, nullptr, dout.d, inp.d, w.d, P.offsets.data(),
-                              E, IC, OC);
+  be->grouped_linear_backward(nullptr, dw_only.d, nullptr, as_act(dout), as_act(inp), w.d,
+                              P.offsets.data(), E, IC, OC);
   expect_close("grouped_linear dweight (no dinp/dbias)", to_double(dw_only.download()),
                to_double(dw.h), 0.0, 0.0);
 }
@@ -224,7 +230,8 @@ TEST(RouterOps, GroupedLinearGeluForwardMatchesReference) {
   const std::vector<float> pre0 = random_vec((size_t)rows * OC, 54),
                            out0 = random_vec((size_t)rows * OC, 55);
   Buf<float> pre(*be, pre0), out(*be, out0);  // (rows,OC) each
-  be->grouped_linear_gelu_forward(pre.d, out.d, inp.d, w.d, b.d, P.offsets.data(), E, IC, OC);
+  be->grouped_linear_gelu_forward(as_act(pre), as_act(out), as_act(inp), w.d, b.d,
+                                  P.offsets.data(), E, IC, OC);
   const std::vector<double> want_pre = grouped_linear_ref(inp.h, w.h, &b.h, P.offsets, E, IC, OC);
   std::vector<double> got_pre, got_out, want_out;
   pre.download();
@@ -257,16 +264,16 @@ TEST(RouterOps, GeluGroupedLinearBackwardMatchesFiniteDifferences) {
   for (size_t i = (size_t)P.offsets[E] * D; i < wout.size(); i++) wout[i] = 0.0f;
   Buf<float> dout(*be, wout);  // (rows,D)
   auto loss = [&] {
-    be->gelu_forward(act.d, pre.d, act.size());
-    be->grouped_linear_forward(y.d, act.d, w.d, b.d, P.offsets.data(), E, F, D);
+    be->gelu_forward(as_act(act), as_act(pre), act.size());
+    be->grouped_linear_forward(as_act(y), as_act(act), w.d, b.d, P.offsets.data(), E, F, D);
     return weighted_sum(wout, y.download());
   };
   loss();  // act = gelu(pre), the op's input
   const std::vector<float> dpre0 = random_vec((size_t)rows * F, 64, 50.0f, 60.0f),
                            dw0 = random_vec(w.size(), 66), db0 = random_vec(b.size(), 67);
   Buf<float> dpre(*be, dpre0), dw(*be, dw0), db(*be, db0);
-  be->gelu_grouped_linear_backward(dpre.d, dw.d, db.d, dout.d, act.d, w.d, pre.d,
-                                   P.offsets.data(), E, F, D);
+  be->gelu_grouped_linear_backward(as_act(dpre), dw.d, db.d, as_act(dout), as_act(act), w.d,
+                                   as_act(pre), P.offsets.data(), E, F, D);
   dpre.download();
   const std::vector<double> want = numeric_grad(pre, loss);
   std::vector<double> got_in, want_in;
@@ -280,6 +287,74 @@ TEST(RouterOps, GeluGroupedLinearBackwardMatchesFiniteDifferences) {
                numeric_grad(w, loss), kGradAtol, kGradRtol);
   expect_close("gelu_grouped_linear dbias", accumulated(db.download(), db0),
                numeric_grad(b, loss), kGradAtol, kGradRtol);
+}
+
+// ---- router logits: logits = inp @ weight^T in fp32, no bias -----------------------------
+
+std::vector<double> router_logits_ref(const std::vector<float>& inp, const std::vector<float>& w,
+                                      int N, int D, int E) {
+  std::vector<double> logits((size_t)N * E);
+  for (int n = 0; n < N; n++)
+    for (int e = 0; e < E; e++) {
+      double s = 0.0;
+      for (int d = 0; d < D; d++) s += (double)inp[(size_t)n * D + d] * w[(size_t)e * D + d];
+      logits[(size_t)n * E + e] = s;
+    }
+  return logits;
+}
+
+TEST(RouterOps, RouterLogitsForwardMatchesReference) {
+  auto be = make_cpu_backend();
+  const int N = 37, D = 70, E = 8;  // odd sizes: a swapped transpose or stride cannot pass
+  Buf<float> inp(*be, random_vec((size_t)N * D, 141));                // (N,D)
+  Buf<float> w(*be, random_vec((size_t)E * D, 142));                  // (E,D)
+  Buf<float> logits(*be, std::vector<float>((size_t)N * E, 123.0f));  // (N,E) overwritten
+  be->router_logits_forward(logits.d, as_act(inp), w.d, N, D, E);
+  expect_close("router_logits logits", to_double(logits.download()),
+               router_logits_ref(inp.h, w.h, N, D, E), 1e-5, 1e-5);
+  // The router used to go through linear_forward without a bias: on the CPU the logits must
+  // not move by a bit.
+  Buf<float> via_linear(*be, (size_t)N * E);  // (N,E)
+  be->linear_forward(as_act(via_linear), as_act(inp), w.d, nullptr, N, D, E);
+  expect_close("router_logits == linear (no bias)", to_double(logits.h),
+               to_double(via_linear.download()), 0.0, 0.0);
+}
+
+TEST(RouterOps, RouterLogitsBackwardMatchesFiniteDifferences) {
+  auto be = make_cpu_backend();
+  const int N = 10, D = 8, E = 6;
+  Buf<float> inp(*be, random_vec((size_t)N * D, 151));  // (N,D)
+  Buf<float> w(*be, random_vec((size_t)E * D, 152));    // (E,D)
+  Buf<float> logits(*be, (size_t)N * E);                // (N,E)
+  std::vector<float> wl = random_vec((size_t)N * E, 153);  // loss weights = dlogits
+  Buf<float> dlogits(*be, wl);                             // (N,E)
+  auto loss = [&] {
+    be->router_logits_forward(logits.d, as_act(inp), w.d, N, D, E);
+    return weighted_sum(wl, logits.download());
+  };
+  // Gradient buffers start non-zero: backward must add to them.
+  const std::vector<float> dinp0 = random_vec(inp.size(), 154), dw0 = random_vec(w.size(), 155);
+  Buf<float> dinp(*be, dinp0), dw(*be, dw0);
+  be->router_logits_backward(as_act(dinp), dw.d, dlogits.d, as_act(inp), w.d, N, D, E);
+  expect_close("router_logits dinp", accumulated(dinp.download(), dinp0),
+               numeric_grad(inp, loss), kGradAtol, kGradRtol);
+  expect_close("router_logits dweight", accumulated(dw.download(), dw0), numeric_grad(w, loss),
+               kGradAtol, kGradRtol);
+
+  // dinp is optional (the router's input gradient may not be wanted): the weight gradient is
+  // the same without it.
+  Buf<float> dw_only(*be, dw0);
+  be->router_logits_backward(nullptr, dw_only.d, dlogits.d, as_act(inp), w.d, N, D, E);
+  expect_close("router_logits dweight (no dinp)", to_double(dw_only.download()), to_double(dw.h),
+               0.0, 0.0);
+  // As for the forward: the same bits as linear_backward without a bias gradient.
+  Buf<float> dinp_linear(*be, dinp0), dw_linear(*be, dw0);
+  be->linear_backward(as_act(dinp_linear), dw_linear.d, nullptr, as_act(dlogits), as_act(inp),
+                      w.d, N, D, E);
+  expect_close("router_logits dinp == linear", to_double(dinp.h),
+               to_double(dinp_linear.download()), 0.0, 0.0);
+  expect_close("router_logits dweight == linear", to_double(dw.h),
+               to_double(dw_linear.download()), 0.0, 0.0);
 }
 
 // ---- softmax -----------------------------------------------------------------------------
@@ -572,7 +647,7 @@ TEST(RouterOps, GatherScatterAdjoint) {
   const int R = (int)rows_idx.size();
   Buf<float> x(*be, random_vec((size_t)N * D, 101));  // (N,D)
   Buf<float> g(*be, (size_t)R * D);                   // (R,D)
-  be->gather_rows(g.d, x.d, rows_idx.data(), R, D);
+  be->gather_rows(as_act(g), as_act(x), rows_idx.data(), R, D);
   std::vector<double> g_ref((size_t)R * D);
   for (int r = 0; r < R; r++)
     for (int c = 0; c < D; c++) g_ref[(size_t)r * D + c] = x.h[(size_t)rows_idx[r] * D + c];
@@ -581,7 +656,7 @@ TEST(RouterOps, GatherScatterAdjoint) {
   Buf<float> y(*be, random_vec((size_t)R * D, 102));  // (R,D)
   std::vector<float> base = random_vec((size_t)N * D, 103);
   Buf<float> dx(*be, base);  // (N,D)
-  be->scatter_add_rows(dx.d, y.d, rows_idx.data(), R, D);
+  be->scatter_add_rows(as_act(dx), as_act(y), rows_idx.data(), R, D);
   std::vector<double> s_ref((size_t)N * D, 0.0);
   for (int r = 0; r < R; r++)
     for (int c = 0; c < D; c++) s_ref[(size_t)rows_idx[r] * D + c] += y.h[(size_t)r * D + c];
@@ -589,7 +664,7 @@ TEST(RouterOps, GatherScatterAdjoint) {
 
   // Adjointness: <gather(x), y> == <x, scatter(y)>.
   Buf<float> sy(*be, (size_t)N * D);
-  be->scatter_add_rows(sy.d, y.d, rows_idx.data(), R, D);
+  be->scatter_add_rows(as_act(sy), as_act(y), rows_idx.data(), R, D);
   double lhs = weighted_sum(g.h, y.h), rhs = weighted_sum(x.h, sy.download());
   expect_close("<gather x, y> - <x, scatter y>", {lhs}, {rhs}, 1e-5, 1e-6);
 }
@@ -620,7 +695,7 @@ TEST(RouterOps, CombineForwardMatchesReference) {
   Buf<float> y(*be, random_vec((size_t)R * D, 111));                // (R,D)
   Buf<float> gates(*be, random_vec((size_t)N * K, 112, 0.0f, 1.0f));  // (N,K)
   Buf<float> out(*be, std::vector<float>((size_t)N * D, 123.0f));    // (N,D) stale values
-  be->combine_forward(out.d, y.d, gates.d, P.row.data(), N, K, D);
+  be->combine_forward(as_act(out), as_act(y), gates.d, P.row.data(), N, K, D);
   expect_close("combine out", to_double(out.download()), combine_ref(y.h, gates.h, P.row, N, K, D),
                1e-6, 1e-6);
   for (int c = 0; c < D; c++) EXPECT_EQ(out.h[(size_t)3 * D + c], 0.0f);  // fully dropped token
@@ -636,12 +711,12 @@ TEST(RouterOps, CombineBackwardFiniteDifference) {
   std::vector<float> wout = random_vec((size_t)N * D, 123);
   Buf<float> dout(*be, wout);
   auto loss = [&] {
-    be->combine_forward(out.d, y.d, gates.d, P.row.data(), N, K, D);
+    be->combine_forward(as_act(out), as_act(y), gates.d, P.row.data(), N, K, D);
     return weighted_sum(wout, out.download());
   };
   std::vector<float> dy0 = random_vec(y.size(), 124), dg0 = random_vec(gates.size(), 125);
   Buf<float> dy(*be, dy0), dg(*be, dg0);
-  be->combine_backward(dy.d, dg.d, dout.d, y.d, gates.d, P.row.data(), N, K, D);
+  be->combine_backward(as_act(dy), dg.d, as_act(dout), as_act(y), gates.d, P.row.data(), N, K, D);
   expect_close("combine dy", accumulated(dy.download(), dy0), numeric_grad(y, loss), kGradAtol,
                kGradRtol);
   expect_close("combine dgates", accumulated(dg.download(), dg0), numeric_grad(gates, loss),

@@ -158,7 +158,9 @@ TEST_P(TorchReference, LogitsLossesAndGradientsMatch) {
   model.forward(inputs.data(), nullptr, B, T, routing);
   const size_t num_logits = static_cast<size_t>(B) * T * config.vocab_size;
   const std::vector<float>& ref_logits = ref.expect("logits", {B, T, config.vocab_size});
-  const double logits_diff = relative_difference(model.logits(), ref_logits.data(), num_logits);
+  std::vector<float> logits(num_logits);
+  backend->copy_act_to_host(logits.data(), model.logits(), num_logits);
+  const double logits_diff = relative_difference(logits.data(), ref_logits.data(), num_logits);
   std::printf("[%s] logits relative difference %.3e\n", c.name, logits_diff);
   EXPECT_LT(logits_diff, 1e-5);
 

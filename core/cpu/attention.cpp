@@ -49,10 +49,12 @@ HeadViews head_views(int bh, int T, int C, int NH) {
 
 }  // namespace
 
-void CpuBackend::attention_forward(float* out,        // (B,T,C)
-                                   float* lse,        // (B,NH,T)
-                                   const float* qkv,  // (B,T,3C)
+void CpuBackend::attention_forward(Act* out_act,        // (B,T,C)
+                                   float* lse,          // (B,NH,T)
+                                   const Act* qkv_act,  // (B,T,3C)
                                    int B, int T, int C, int NH) {
+  float* out = act_f32(out_act);
+  const float* qkv = act_f32(qkv_act);
   const int hd = C / NH;
   const int C3 = 3 * C;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
@@ -106,12 +108,16 @@ void CpuBackend::attention_forward(float* out,        // (B,T,C)
 // delta = rowsum(dout * out) (which equals rowsum(P * dP), without needing dP first):
 //   dv += P^T dout;   dS = P * (dP - delta);   dq += scale dS k;   dk += scale dS^T q.
 // dS keeps the zeros above the diagonal since P has them there.
-void CpuBackend::attention_backward(float* dqkv,        // (B,T,3C) +=
-                                    const float* dout,  // (B,T,C)
-                                    const float* out,   // (B,T,C)
-                                    const float* qkv,   // (B,T,3C)
-                                    const float* lse,   // (B,NH,T)
+void CpuBackend::attention_backward(Act* dqkv_act,        // (B,T,3C) +=
+                                    const Act* dout_act,  // (B,T,C)
+                                    const Act* out_act,   // (B,T,C)
+                                    const Act* qkv_act,   // (B,T,3C)
+                                    const float* lse,     // (B,NH,T)
                                     int B, int T, int C, int NH) {
+  float* dqkv = act_f32(dqkv_act);
+  const float* dout = act_f32(dout_act);
+  const float* out = act_f32(out_act);
+  const float* qkv = act_f32(qkv_act);
   const int hd = C / NH;
   const int C3 = 3 * C;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));

@@ -7,11 +7,13 @@
 
 namespace moe {
 
-void CpuBackend::combine_forward(float* out,           // (N,D)
-                                 const float* y,       // (rows,D)
+void CpuBackend::combine_forward(Act* out_act,         // (N,D)
+                                 const Act* y_act,     // (rows,D)
                                  const float* gates,   // (N,K)
                                  const int* row_host,  // (N,K)
                                  int N, int K, int D) {
+  float* out = act_f32(out_act);
+  const float* y = act_f32(y_act);
 #pragma omp parallel for
   for (int t = 0; t < N; t++) {
     float* o = out + (size_t)t * D;  // (D)
@@ -26,13 +28,16 @@ void CpuBackend::combine_forward(float* out,           // (N,D)
   }
 }
 
-void CpuBackend::combine_backward(float* dy,            // (rows,D) +=
+void CpuBackend::combine_backward(Act* dy_act,          // (rows,D) +=
                                   float* dgates,        // (N,K)    +=
-                                  const float* dout,    // (N,D)
-                                  const float* y,       // (rows,D)
+                                  const Act* dout_act,  // (N,D)
+                                  const Act* y_act,     // (rows,D)
                                   const float* gates,   // (N,K)
                                   const int* row_host,  // (N,K)
                                   int N, int K, int D) {
+  float* dy = act_f32(dy_act);
+  const float* dout = act_f32(dout_act);
+  const float* y = act_f32(y_act);
   // dgates: one token per iteration, each writes only its own K gates.
 #pragma omp parallel for
   for (int t = 0; t < N; t++) {

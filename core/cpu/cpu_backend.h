@@ -1,6 +1,8 @@
 // The CPU backend: fp32, GEMMs through oneDNN, elementwise work parallel with OpenMP.
 // Each op family lives in its own file under core/cpu/ (one op per file); shapes are documented
-// on the interface in core/backend.h.
+// on the interface in core/backend.h. Activations are fp32 here (activation_type() is kF32):
+// an op that reads or writes an `Act` argument views it as float (act_f32) on entry, the
+// parameter carrying an `_act` suffix so the float view keeps the plain name.
 #pragma once
 
 #include "core/backend.h"
@@ -17,30 +19,35 @@ class CpuBackend final : public Backend {
   void copy(void* dst, const void* src, size_t bytes) override;
   void fill_zero(void* ptr, size_t bytes) override;
   void synchronize() override;
-  void add(float* out, const float* a, const float* b, size_t n) override;
-  void accumulate(float* dst, const float* src, size_t n) override;
+  ActType activation_type() const override;
+  void copy_act_to_host(float* dst_host, const Act* src, size_t n) override;
+  void copy_act_from_host(Act* dst, const float* src_host, size_t n) override;
+  void add(Act* out, const Act* a, const Act* b, size_t n) override;
+  void accumulate(Act* dst, const Act* src, size_t n) override;
   void scale(float* x, float s, size_t n) override;
   double sum_squares(const float* x, size_t n) override;
   bool all_finite(const float* x, size_t n) override;
-  void mul(float* out, const float* a, const float* b, size_t n) override;
-  void embedding_forward(float* out, const int* idx, const float* wte, const float* wpe, int B, int T, int C) override;
-  void embedding_backward(float* dwte, float* dwpe, const float* dout, const int* idx, int B, int T, int C) override;
-  void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight, const float* bias, int N, int C) override;
-  void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, const float* mean, const float* rstd, int N, int C) override;
-  void linear_forward(float* out, const float* inp, const float* weight, const float* bias, int N, int IC, int OC) override;
-  void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, int N, int IC, int OC) override;
-  void grouped_linear_forward(float* out, const float* inp, const float* weight, const float* bias, const int* offsets_host, int E, int IC, int OC) override;
-  void grouped_linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, const int* offsets_host, int E, int IC, int OC) override;
-  void linear_gelu_forward(float* pre, float* out, const float* inp, const float* weight, const float* bias, int N, int IC, int OC) override;
-  void gelu_linear_backward(float* dpre, float* dweight, float* dbias, const float* dout, const float* act, const float* weight, const float* pre, int N, int IC, int OC) override;
-  void grouped_linear_gelu_forward(float* pre, float* out, const float* inp, const float* weight, const float* bias, const int* offsets_host, int E, int IC, int OC) override;
-  void gelu_grouped_linear_backward(float* dpre, float* dweight, float* dbias, const float* dout, const float* act, const float* weight, const float* pre, const int* offsets_host, int E, int IC, int OC) override;
-  void gelu_forward(float* out, const float* inp, size_t n) override;
-  void gelu_backward(float* dinp, const float* inp, const float* dout, size_t n) override;
-  void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH) override;
-  void attention_backward(float* dqkv, const float* dout, const float* out, const float* qkv, const float* lse, int B, int T, int C, int NH) override;
-  void crossentropy_forward(float* losses, float* probs, const float* logits, const int* targets, int N, int V) override;
-  void crossentropy_backward(float* dlogits, const float* probs, const int* targets, float dloss, int N, int V) override;
+  void mul(Act* out, const Act* a, const float* factors, size_t n) override;
+  void embedding_forward(Act* out, const int* idx, const float* wte, const float* wpe, int B, int T, int C) override;
+  void embedding_backward(float* dwte, float* dwpe, const Act* dout, const int* idx, int B, int T, int C) override;
+  void layernorm_forward(Act* out, float* mean, float* rstd, const Act* inp, const float* weight, const float* bias, int N, int C) override;
+  void layernorm_backward(Act* dinp, float* dweight, float* dbias, const Act* dout, const Act* inp, const float* weight, const float* mean, const float* rstd, int N, int C) override;
+  void linear_forward(Act* out, const Act* inp, const float* weight, const float* bias, int N, int IC, int OC) override;
+  void linear_backward(Act* dinp, float* dweight, float* dbias, const Act* dout, const Act* inp, const float* weight, int N, int IC, int OC) override;
+  void grouped_linear_forward(Act* out, const Act* inp, const float* weight, const float* bias, const int* offsets_host, int E, int IC, int OC) override;
+  void grouped_linear_backward(Act* dinp, float* dweight, float* dbias, const Act* dout, const Act* inp, const float* weight, const int* offsets_host, int E, int IC, int OC) override;
+  void linear_gelu_forward(Act* pre, Act* out, const Act* inp, const float* weight, const float* bias, int N, int IC, int OC) override;
+  void gelu_linear_backward(Act* dpre, float* dweight, float* dbias, const Act* dout, const Act* act, const float* weight, const Act* pre, int N, int IC, int OC) override;
+  void grouped_linear_gelu_forward(Act* pre, Act* out, const Act* inp, const float* weight, const float* bias, const int* offsets_host, int E, int IC, int OC) override;
+  void gelu_grouped_linear_backward(Act* dpre, float* dweight, float* dbias, const Act* dout, const Act* act, const float* weight, const Act* pre, const int* offsets_host, int E, int IC, int OC) override;
+  void gelu_forward(Act* out, const Act* inp, size_t n) override;
+  void gelu_backward(Act* dinp, const Act* inp, const Act* dout, size_t n) override;
+  void attention_forward(Act* out, float* lse, const Act* qkv, int B, int T, int C, int NH) override;
+  void attention_backward(Act* dqkv, const Act* dout, const Act* out, const Act* qkv, const float* lse, int B, int T, int C, int NH) override;
+  void crossentropy_forward(float* losses, Act* probs, const Act* logits, const int* targets, int N, int V) override;
+  void crossentropy_backward(Act* dlogits, const Act* probs, const int* targets, float dloss, int N, int V) override;
+  void router_logits_forward(float* logits, const Act* inp, const float* weight, int N, int D, int E) override;
+  void router_logits_backward(Act* dinp, float* dweight, const float* dlogits, const Act* inp, const float* weight, int N, int D, int E) override;
   void softmax_forward(float* probs, float* lse, const float* logits, int N, int E) override;
   void softmax_backward(float* dlogits, const float* dprobs, const float* probs, int N, int E) override;
   void topk_forward(int* expert_idx, float* gates, const float* probs, int N, int E, int K) override;
@@ -49,10 +56,10 @@ class CpuBackend final : public Backend {
   void column_sums(double* sums_host, const float* x, int N, int E) override;
   void add_row_vector(float* x, const float* v_host, int N, int E) override;
   void zloss_backward(float* dlogits, const float* probs, const float* lse, float scale, int N, int E) override;
-  void gather_rows(float* out, const float* inp, const int* row_idx_host, int rows, int D) override;
-  void scatter_add_rows(float* dinp, const float* dout, const int* row_idx_host, int rows, int D) override;
-  void combine_forward(float* out, const float* y, const float* gates, const int* row_host, int N, int K, int D) override;
-  void combine_backward(float* dy, float* dgates, const float* dout, const float* y, const float* gates, const int* row_host, int N, int K, int D) override;
+  void gather_rows(Act* out, const Act* inp, const int* row_idx_host, int rows, int D) override;
+  void scatter_add_rows(Act* dinp, const Act* dout, const int* row_idx_host, int rows, int D) override;
+  void combine_forward(Act* out, const Act* y, const float* gates, const int* row_host, int N, int K, int D) override;
+  void combine_backward(Act* dy, float* dgates, const Act* dout, const Act* y, const float* gates, const int* row_host, int N, int K, int D) override;
   void adamw_update(float* params, const float* grads, float* m, float* v, size_t n, float lr, float beta1, float beta2, float eps, float weight_decay, int step) override;
 };
 

@@ -9,11 +9,13 @@
 
 namespace moe {
 
-void CpuBackend::crossentropy_forward(float* losses,        // (N)
-                                      float* probs,         // (N,V) may alias logits
-                                      const float* logits,  // (N,V)
-                                      const int* targets,   // (N)
+void CpuBackend::crossentropy_forward(float* losses,          // (N)
+                                      Act* probs_act,         // (N,V) may alias logits
+                                      const Act* logits_act,  // (N,V)
+                                      const int* targets,     // (N)
                                       int N, int V) {
+  float* probs = act_f32(probs_act);
+  const float* logits = act_f32(logits_act);
 #pragma omp parallel for schedule(static)
   for (int i = 0; i < N; i++) {
     const float* x = logits + static_cast<size_t>(i) * V;  // (V)
@@ -39,10 +41,12 @@ void CpuBackend::crossentropy_forward(float* losses,        // (N)
 
 // The gradient of dloss * losses[i] with respect to logits[i]: (probs - onehot) * dloss.
 // Written, not accumulated: it usually overwrites probs in place.
-void CpuBackend::crossentropy_backward(float* dlogits,      // (N,V) may alias probs
-                                       const float* probs,  // (N,V)
-                                       const int* targets,  // (N)
+void CpuBackend::crossentropy_backward(Act* dlogits_act,      // (N,V) may alias probs
+                                       const Act* probs_act,  // (N,V)
+                                       const int* targets,    // (N)
                                        float dloss, int N, int V) {
+  float* dlogits = act_f32(dlogits_act);
+  const float* probs = act_f32(probs_act);
 #pragma omp parallel for schedule(static)
   for (int i = 0; i < N; i++) {
     const float* p = probs + static_cast<size_t>(i) * V;  // (V)

@@ -12,17 +12,22 @@ namespace {
 constexpr size_t kParallelMin = 1 << 14;  // elements below which one thread is faster
 }  // namespace
 
-void CpuBackend::add(float* out,        // (n)
-                     const float* a,    // (n)
-                     const float* b,    // (n)
+void CpuBackend::add(Act* out_act,      // (n)
+                     const Act* a_act,  // (n)
+                     const Act* b_act,  // (n)
                      size_t n) {
+  float* out = act_f32(out_act);
+  const float* a = act_f32(a_act);
+  const float* b = act_f32(b_act);
 #pragma omp parallel for simd schedule(static) if (parallel : n >= kParallelMin)
   for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
-void CpuBackend::accumulate(float* dst,        // (n) +=
-                            const float* src,  // (n)
+void CpuBackend::accumulate(Act* dst_act,        // (n) +=
+                            const Act* src_act,  // (n)
                             size_t n) {
+  float* dst = act_f32(dst_act);
+  const float* src = act_f32(src_act);
 #pragma omp parallel for simd schedule(static) if (parallel : n >= kParallelMin)
   for (size_t i = 0; i < n; i++) dst[i] += src[i];
 }
@@ -57,12 +62,15 @@ bool CpuBackend::all_finite(const float* x,  // (n)
   return num_bad == 0;
 }
 
-void CpuBackend::mul(float* out,        // (n)
-                     const float* a,    // (n)
-                     const float* b,    // (n)
+// out may alias a (the router scales its input gradient in place).
+void CpuBackend::mul(Act* out_act,          // (n)
+                     const Act* a_act,      // (n)
+                     const float* factors,  // (n)
                      size_t n) {
+  float* out = act_f32(out_act);
+  const float* a = act_f32(a_act);
 #pragma omp parallel for simd schedule(static) if (parallel : n >= kParallelMin)
-  for (size_t i = 0; i < n; i++) out[i] = a[i] * b[i];
+  for (size_t i = 0; i < n; i++) out[i] = a[i] * factors[i];
 }
 
 }  // namespace moe

@@ -11,11 +11,12 @@ namespace {
 constexpr int kChannelBlock = 32;
 }  // namespace
 
-void CpuBackend::embedding_forward(float* out,        // (B,T,C)
+void CpuBackend::embedding_forward(Act* out_act,      // (B,T,C)
                                    const int* idx,    // (B,T)
                                    const float* wte,  // (V,C)
                                    const float* wpe,  // (Tmax,C)
                                    int B, int T, int C) {
+  float* out = act_f32(out_act);
 #pragma omp parallel for schedule(static)
   for (int bt = 0; bt < B * T; bt++) {
     int t = bt % T;
@@ -31,11 +32,12 @@ void CpuBackend::embedding_forward(float* out,        // (B,T,C)
 // dwte rows. Split over channel blocks instead: every thread reads all tokens but owns its
 // columns of dwte and dwpe outright. The sum per element runs in token order, so the result
 // does not depend on the thread count.
-void CpuBackend::embedding_backward(float* dwte,         // (V,C)    +=
-                                    float* dwpe,         // (Tmax,C) +=
-                                    const float* dout,   // (B,T,C)
-                                    const int* idx,      // (B,T)
+void CpuBackend::embedding_backward(float* dwte,          // (V,C)    +=
+                                    float* dwpe,          // (Tmax,C) +=
+                                    const Act* dout_act,  // (B,T,C)
+                                    const int* idx,       // (B,T)
                                     int B, int T, int C) {
+  const float* dout = act_f32(dout_act);
 #pragma omp parallel for schedule(static)
   for (int c0 = 0; c0 < C; c0 += kChannelBlock) {
     int c1 = std::min(C, c0 + kChannelBlock);

@@ -12,12 +12,14 @@
 
 namespace moe {
 
-void CpuBackend::grouped_linear_forward(float* out,               // (rows,OC)
-                                        const float* inp,         // (rows,IC)
+void CpuBackend::grouped_linear_forward(Act* out_act,             // (rows,OC)
+                                        const Act* inp_act,       // (rows,IC)
                                         const float* weight,      // (E,OC,IC)
                                         const float* bias,        // (E,OC) or nullptr
                                         const int* offsets_host,  // (E+1)
                                         int E, int IC, int OC) {
+  float* out = act_f32(out_act);
+  const float* inp = act_f32(inp_act);
   for (int e = 0; e < E; e++) {
     int r0 = offsets_host[e];
     int n = offsets_host[e + 1] - r0;
@@ -42,14 +44,17 @@ void CpuBackend::grouped_linear_forward(float* out,               // (rows,OC)
   }
 }
 
-void CpuBackend::grouped_linear_backward(float* dinp,              // (rows,IC) += or nullptr
+void CpuBackend::grouped_linear_backward(Act* dinp_act,            // (rows,IC) += or nullptr
                                          float* dweight,           // (E,OC,IC) +=
                                          float* dbias,             // (E,OC)    += or nullptr
-                                         const float* dout,        // (rows,OC)
-                                         const float* inp,         // (rows,IC)
+                                         const Act* dout_act,      // (rows,OC)
+                                         const Act* inp_act,       // (rows,IC)
                                          const float* weight,      // (E,OC,IC)
                                          const int* offsets_host,  // (E+1)
                                          int E, int IC, int OC) {
+  float* dinp = act_f32(dinp_act);
+  const float* dout = act_f32(dout_act);
+  const float* inp = act_f32(inp_act);
   for (int e = 0; e < E; e++) {
     int r0 = offsets_host[e];
     int n = offsets_host[e + 1] - r0;
@@ -78,9 +83,9 @@ void CpuBackend::grouped_linear_backward(float* dinp,              // (rows,IC) 
   }
 }
 
-void CpuBackend::grouped_linear_gelu_forward(float* pre,               // (rows,OC)
-                                             float* out,               // (rows,OC)
-                                             const float* inp,         // (rows,IC)
+void CpuBackend::grouped_linear_gelu_forward(Act* pre,                 // (rows,OC)
+                                             Act* out,                 // (rows,OC)
+                                             const Act* inp,           // (rows,IC)
                                              const float* weight,      // (E,OC,IC)
                                              const float* bias,        // (E,OC) or nullptr
                                              const int* offsets_host,  // (E+1)
@@ -88,19 +93,24 @@ void CpuBackend::grouped_linear_gelu_forward(float* pre,               // (rows,
   grouped_linear_forward(pre, inp, weight, bias, offsets_host, E, IC, OC);
   const size_t first = static_cast<size_t>(offsets_host[0]) * OC,
                last = static_cast<size_t>(offsets_host[E]) * OC;
-  gelu_forward(out + first, pre + first, last - first);
+  gelu_forward(act_at(out, first, ActType::kF32), act_at(pre, first, ActType::kF32),
+               last - first);
 }
 
-void CpuBackend::gelu_grouped_linear_backward(float* dpre,              // (rows,IC) written
+void CpuBackend::gelu_grouped_linear_backward(Act* dpre_act,             // (rows,IC) written
                                               float* dweight,           // (E,OC,IC) +=
                                               float* dbias,             // (E,OC)    += or nullptr
-                                              const float* dout,        // (rows,OC)
-                                              const float* act,         // (rows,IC)
+                                              const Act* dout_act,      // (rows,OC)
+                                              const Act* act,           // (rows,IC)
                                               const float* weight,      // (E,OC,IC)
-                                              const float* pre,         // (rows,IC)
+                                              const Act* pre_act,       // (rows,IC)
                                               const int* offsets_host,  // (E+1)
                                               int E, int IC, int OC) {
-  grouped_linear_backward(nullptr, dweight, dbias, dout, act, weight, offsets_host, E, IC, OC);
+  float* dpre = act_f32(dpre_act);
+  const float* dout = act_f32(dout_act);
+  const float* pre = act_f32(pre_act);
+  grouped_linear_backward(nullptr, dweight, dbias, dout_act, act, weight, offsets_host, E, IC,
+                          OC);
   for (int e = 0; e < E; e++) {
     int r0 = offsets_host[e];
     int n = offsets_host[e + 1] - r0;

@@ -14,13 +14,15 @@ constexpr float kEps = 1e-5f;
 constexpr int kChannelBlock = 32;
 }  // namespace
 
-void CpuBackend::layernorm_forward(float* out,           // (N,C)
+void CpuBackend::layernorm_forward(Act* out_act,         // (N,C)
                                    float* mean,          // (N)
                                    float* rstd,          // (N)
-                                   const float* inp,     // (N,C)
+                                   const Act* inp_act,   // (N,C)
                                    const float* weight,  // (C)
                                    const float* bias,    // (C)
                                    int N, int C) {
+  float* out = act_f32(out_act);
+  const float* inp = act_f32(inp_act);
 #pragma omp parallel for schedule(static)
   for (int n = 0; n < N; n++) {
     const float* x = inp + static_cast<size_t>(n) * C;  // (C)
@@ -47,15 +49,18 @@ void CpuBackend::layernorm_forward(float* out,           // (N,C)
 // dinp is per row (parallel over rows); dweight and dbias sum over rows, so they get their
 // own pass parallel over channel blocks, with double sums in row order: deterministic for
 // any thread count.
-void CpuBackend::layernorm_backward(float* dinp,          // (N,C) +=
+void CpuBackend::layernorm_backward(Act* dinp_act,        // (N,C) +=
                                     float* dweight,       // (C)   +=
                                     float* dbias,         // (C)   +=
-                                    const float* dout,    // (N,C)
-                                    const float* inp,     // (N,C)
+                                    const Act* dout_act,  // (N,C)
+                                    const Act* inp_act,   // (N,C)
                                     const float* weight,  // (C)
                                     const float* mean,    // (N)
                                     const float* rstd,    // (N)
                                     int N, int C) {
+  float* dinp = act_f32(dinp_act);
+  const float* dout = act_f32(dout_act);
+  const float* inp = act_f32(inp_act);
 #pragma omp parallel for schedule(static)
   for (int n = 0; n < N; n++) {
     const float* dy = dout + static_cast<size_t>(n) * C;  // (C)

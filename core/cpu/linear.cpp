@@ -15,11 +15,13 @@ constexpr int kColumnBlock = 32;
 
 }  // namespace
 
-void CpuBackend::linear_forward(float* out,           // (N,OC)
-                                const float* inp,     // (N,IC)
+void CpuBackend::linear_forward(Act* out_act,         // (N,OC)
+                                const Act* inp_act,   // (N,IC)
                                 const float* weight,  // (OC,IC)
                                 const float* bias,    // (OC) or nullptr
                                 int N, int IC, int OC) {
+  float* out = act_f32(out_act);
+  const float* inp = act_f32(inp_act);
   if (N == 0 || OC == 0) return;
   // With a bias, write it into every row of out first and let the GEMM add onto it (beta 1):
   // the bias then costs one streaming write, not a second read-modify-write pass after.
@@ -36,13 +38,16 @@ void CpuBackend::linear_forward(float* out,           // (N,OC)
   sgemm('N', 'T', N, OC, IC, 1.0f, inp, IC, weight, IC, beta, out, OC);
 }
 
-void CpuBackend::linear_backward(float* dinp,          // (N,IC)  += or nullptr
+void CpuBackend::linear_backward(Act* dinp_act,        // (N,IC)  += or nullptr
                                  float* dweight,       // (OC,IC) +=
                                  float* dbias,         // (OC)    += or nullptr
-                                 const float* dout,    // (N,OC)
-                                 const float* inp,     // (N,IC)
+                                 const Act* dout_act,  // (N,OC)
+                                 const Act* inp_act,   // (N,IC)
                                  const float* weight,  // (OC,IC)
                                  int N, int IC, int OC) {
+  float* dinp = act_f32(dinp_act);
+  const float* dout = act_f32(dout_act);
+  const float* inp = act_f32(inp_act);
   if (N == 0 || OC == 0 || IC == 0) return;
   // dinp (N,IC) += dout (N,OC) @ weight (OC,IC)
   if (dinp != nullptr) sgemm('N', 'N', N, IC, OC, 1.0f, dout, OC, weight, IC, 1.0f, dinp, IC);

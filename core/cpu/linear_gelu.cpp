@@ -10,9 +10,9 @@
 
 namespace moe {
 
-void CpuBackend::linear_gelu_forward(float* pre,           // (N,OC)
-                                     float* out,           // (N,OC)
-                                     const float* inp,     // (N,IC)
+void CpuBackend::linear_gelu_forward(Act* pre,             // (N,OC)
+                                     Act* out,             // (N,OC)
+                                     const Act* inp,       // (N,IC)
                                      const float* weight,  // (OC,IC)
                                      const float* bias,    // (OC) or nullptr
                                      int N, int IC, int OC) {
@@ -20,21 +20,24 @@ void CpuBackend::linear_gelu_forward(float* pre,           // (N,OC)
   gelu_forward(out, pre, static_cast<size_t>(N) * OC);
 }
 
-void CpuBackend::gelu_linear_backward(float* dpre,          // (N,IC) written
+void CpuBackend::gelu_linear_backward(Act* dpre_act,        // (N,IC) written
                                       float* dweight,       // (OC,IC) +=
                                       float* dbias,         // (OC)    += or nullptr
-                                      const float* dout,    // (N,OC)
-                                      const float* act,     // (N,IC)
+                                      const Act* dout_act,  // (N,OC)
+                                      const Act* act,       // (N,IC)
                                       const float* weight,  // (OC,IC)
-                                      const float* pre,     // (N,IC)
+                                      const Act* pre_act,   // (N,IC)
                                       int N, int IC, int OC) {
+  float* dpre = act_f32(dpre_act);
+  const float* dout = act_f32(dout_act);
+  const float* pre = act_f32(pre_act);
   if (N == 0 || IC == 0) return;
   const size_t n = static_cast<size_t>(N) * IC;
   if (OC == 0) {  // no outputs: nothing flows back
     std::fill(dpre, dpre + n, 0.0f);
     return;
   }
-  linear_backward(nullptr, dweight, dbias, dout, act, weight, N, IC, OC);
+  linear_backward(nullptr, dweight, dbias, dout_act, act, weight, N, IC, OC);
   // dpre (N,IC) = dout (N,OC) @ weight (OC,IC), then times gelu'(pre) in place
   sgemm('N', 'N', N, IC, OC, 1.0f, dout, OC, weight, IC, 0.0f, dpre, IC);
   gelu_math::scale_by_derivative(dpre, pre, n);

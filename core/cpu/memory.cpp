@@ -38,6 +38,21 @@ void CpuBackend::fill_zero(void* ptr, size_t bytes) {
 
 void CpuBackend::synchronize() {}
 
+// Activations are fp32 here, so moving them to and from host floats is a plain copy.
+ActType CpuBackend::activation_type() const { return ActType::kF32; }
+
+void CpuBackend::copy_act_to_host(float* dst_host,  // (n)
+                                  const Act* src,   // (n)
+                                  size_t n) {
+  copy_to_host(dst_host, src, n * sizeof(float));
+}
+
+void CpuBackend::copy_act_from_host(Act* dst,               // (n)
+                                    const float* src_host,  // (n)
+                                    size_t n) {
+  copy_from_host(dst, src_host, n * sizeof(float));
+}
+
 std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
 
 }  // namespace moe

@@ -6,19 +6,23 @@
 
 namespace moe {
 
-void CpuBackend::gather_rows(float* out,               // (rows,D)
-                             const float* inp,         // (N,D)
+void CpuBackend::gather_rows(Act* out_act,             // (rows,D)
+                             const Act* inp_act,       // (N,D)
                              const int* row_idx_host,  // (rows)
                              int rows, int D) {
+  float* out = act_f32(out_act);
+  const float* inp = act_f32(inp_act);
 #pragma omp parallel for
   for (int r = 0; r < rows; r++)
     std::memcpy(out + (size_t)r * D, inp + (size_t)row_idx_host[r] * D, sizeof(float) * D);
 }
 
-void CpuBackend::scatter_add_rows(float* dinp,              // (N,D) +=
-                                  const float* dout,        // (rows,D)
+void CpuBackend::scatter_add_rows(Act* dinp_act,            // (N,D) +=
+                                  const Act* dout_act,      // (rows,D)
                                   const int* row_idx_host,  // (rows)
                                   int rows, int D) {
+  float* dinp = act_f32(dinp_act);
+  const float* dout = act_f32(dout_act);
   // A token appears once per kept choice (top-k > 1), so destinations repeat. Threads split
   // the columns instead of the rows: no two threads touch the same element, and every element
   // adds its sources in r order, the same result as a serial loop for any thread count.

@@ -490,10 +490,12 @@ void launch_backward(float* dqkv, float* dq, const __nv_bfloat16* q, const __nv_
 
 }  // namespace
 
-void CudaBackend::attention_forward(float* out,        // (B,T,C)
-                                    float* lse,        // (B,NH,T)
-                                    const float* qkv,  // (B,T,3C)
+void CudaBackend::attention_forward(Act* out_act,        // (B,T,C)
+                                    float* lse,          // (B,NH,T)
+                                    const Act* qkv_act,  // (B,T,3C)
                                     int B, int T, int C, int NH) {
+  float* out = act_f32(out_act);
+  const float* qkv = act_f32(qkv_act);
   if (B * T == 0) return;
   note_write(out);
   note_write(lse);
@@ -513,12 +515,14 @@ void CudaBackend::attention_forward(float* out,        // (B,T,C)
   }
 }
 
-void CudaBackend::attention_backward(float* dqkv,        // (B,T,3C) +=
-                                     const float* dout,  // (B,T,C)
-                                     const float* out,   // (B,T,C)
-                                     const float* qkv,   // (B,T,3C)
-                                     const float* lse,   // (B,NH,T)
+void CudaBackend::attention_backward(Act* dqkv_act,        // (B,T,3C) +=
+                                     const Act* dout_act,  // (B,T,C)
+                                     const Act* out_act,   // (B,T,C)
+                                     const Act* qkv_act,   // (B,T,3C)
+                                     const float* lse,     // (B,NH,T)
                                      int B, int T, int C, int NH) {
+  float* dqkv = act_f32(dqkv_act);
+  const float *dout = act_f32(dout_act), *out = act_f32(out_act), *qkv = act_f32(qkv_act);
   if (B * T == 0) return;
   note_write(dqkv);
   const int hd = C / NH, hdp = padded_head_dim(hd);

@@ -51,8 +51,13 @@ __global__ void combine_backward_kernel(float* dy,           // (rows,D) +=
 
 }  // namespace
 
-void CudaBackend::combine_forward(float* out, const float* y, const float* gates,
-                                  const int* row_host, int N, int K, int D) {
+void CudaBackend::combine_forward(Act* out_act,         // (N,D)
+                                  const Act* y_act,     // (rows,D)
+                                  const float* gates,   // (N,K)
+                                  const int* row_host,  // (N,K)
+                                  int N, int K, int D) {
+  float* out = act_f32(out_act);
+  const float* y = act_f32(y_act);
   if (N == 0) return;
   note_write(out);
   const int* row = upload(kIndexA, row_host, static_cast<size_t>(N) * K);
@@ -60,8 +65,15 @@ void CudaBackend::combine_forward(float* out, const float* y, const float* gates
   CUDA_CHECK_LAUNCH();
 }
 
-void CudaBackend::combine_backward(float* dy, float* dgates, const float* dout, const float* y,
-                                   const float* gates, const int* row_host, int N, int K, int D) {
+void CudaBackend::combine_backward(Act* dy_act,          // (rows,D) +=
+                                   float* dgates,        // (N,K)    +=
+                                   const Act* dout_act,  // (N,D)
+                                   const Act* y_act,     // (rows,D)
+                                   const float* gates,   // (N,K)
+                                   const int* row_host,  // (N,K)
+                                   int N, int K, int D) {
+  float* dy = act_f32(dy_act);
+  const float *dout = act_f32(dout_act), *y = act_f32(y_act);
   if (N == 0) return;
   note_write(dy);
   note_write(dgates);

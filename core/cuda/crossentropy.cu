@@ -44,8 +44,13 @@ __global__ void crossentropy_backward_kernel(float* dlogits,      // (N,V)
 
 }  // namespace
 
-void CudaBackend::crossentropy_forward(float* losses, float* probs, const float* logits,
-                                       const int* targets, int N, int V) {
+void CudaBackend::crossentropy_forward(float* losses,          // (N)
+                                       Act* probs_act,         // (N,V) may alias logits
+                                       const Act* logits_act,  // (N,V)
+                                       const int* targets,     // (N)
+                                       int N, int V) {
+  float* probs = act_f32(probs_act);
+  const float* logits = act_f32(logits_act);
   if (N == 0) return;
   note_write(losses);
   note_write(probs);
@@ -53,8 +58,12 @@ void CudaBackend::crossentropy_forward(float* losses, float* probs, const float*
   CUDA_CHECK_LAUNCH();
 }
 
-void CudaBackend::crossentropy_backward(float* dlogits, const float* probs, const int* targets,
+void CudaBackend::crossentropy_backward(Act* dlogits_act,      // (N,V) may alias probs
+                                        const Act* probs_act,  // (N,V)
+                                        const int* targets,    // (N)
                                         float dloss, int N, int V) {
+  float* dlogits = act_f32(dlogits_act);
+  const float* probs = act_f32(probs_act);
   if (N == 0) return;
   note_write(dlogits);
   crossentropy_backward_kernel<<<N, kThreads>>>(dlogits, probs, targets, dloss, V);

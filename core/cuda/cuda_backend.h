@@ -1,20 +1,23 @@
 // The CUDA backend: every op of core/backend.h on one GPU, one op family per .cu file.
 //
-// Precision: the interface is fp32 (float*), and fp32 stays the storage of weights (the master
-// copy), gradients, optimizer moments and activations. GEMMs run through cuBLASLt with bf16
-// operands and fp32 accumulation and output: an operand is converted to bf16 by a fused kernel
-// right before its GEMM, and a weight's bf16 copy is cached (see bf16_weight) and refreshed by
-// the fused AdamW kernel, so weights are converted once per step, not once per use. Narrow
-// linears (OC <= kFp32MaxOutputs, which is how the interface shows the router's E logits) run
-// fully in fp32: DESIGN.md keeps the router in fp32, and they cost nothing. The exception: the
-// local experts' forward and dinp products are one cublasGemmGroupedBatchedEx call with a bf16
-// output, widened to fp32 by a kernel (grouped_gemm.h, grouped_linear.cu).
+// Precision: weights (the master copy), gradients, optimizer moments, the router and, in this
+// version, activations are stored in fp32: activation_type() is kF32, so every op views its
+// `Act` arguments as float (act_f32) and the copy_act_* ops are plain copies. GEMMs run
+// through cuBLASLt with bf16 operands and fp32 accumulation and output: an operand is
+// converted to bf16 by a fused kernel right before its GEMM, and a weight's bf16 copy is
+// cached (see bf16_weight) and refreshed by the fused AdamW kernel, so weights are converted
+// once per step, not once per use. The router's logits (router_logits.cu) and narrow linears
+// (OC <= kFp32MaxOutputs) run fully in fp32: DESIGN.md keeps the router in fp32, and they cost
+// nothing. The exception: the local experts' forward and dinp products are one
+// cublasGemmGroupedBatchedEx call with a bf16 output, widened to fp32 by a kernel
+// (grouped_gemm.h, grouped_linear.cu).
 //
 // Streams: every op runs in order on the legacy default stream, so ops need no events between
 // them; the NCCL communicator (dist/nccl_communicator.cpp) orders its own stream against it.
 // Host-side arguments of the interface (offsets_host, row_idx_host, v_host ...) are uploaded
-// with the op through pinned staging, so they do not synchronize with the stream; results the interface returns on the host (capacity counts, column sums,
-// sum_squares, all_finite) are one device-to-host copy each.
+// with the op through pinned staging, so they do not synchronize with the stream; results the
+// interface returns on the host (capacity counts, column sums, sum_squares, all_finite) are
+// one device-to-host copy each.
 #pragma once
 
 #include <cublasLt.h>
@@ -49,7 +52,7 @@ inline int grid_for(size_t n, int threads = kThreads) {
   return static_cast<int>(blocks < 65535 * 4 ? (blocks == 0 ? 1 : blocks) : 65535 * 4);
 }
 
-// Linears with at most this many outputs run in fp32 (the router), the rest in bf16.
+// Linears with at most this many outputs run in fp32 (they cost nothing), the rest in bf16.
 constexpr int kFp32MaxOutputs = 128;
 
 // What cuBLASLt does to a product before storing it (beyond alpha, beta):
@@ -99,30 +102,35 @@ class CudaBackend final : public Backend {
   void copy(void* dst, const void* src, size_t bytes) override;
   void fill_zero(void* ptr, size_t bytes) override;
   void synchronize() override;
-  void add(float* out, const float* a, const float* b, size_t n) override;
-  void accumulate(float* dst, const float* src, size_t n) override;
+  ActType activation_type() const override;
+  void copy_act_to_host(float* dst_host, const Act* src, size_t n) override;
+  void copy_act_from_host(Act* dst, const float* src_host, size_t n) override;
+  void add(Act* out, const Act* a, const Act* b, size_t n) override;
+  void accumulate(Act* dst, const Act* src, size_t n) override;
   void scale(float* x, float s, size_t n) override;
   double sum_squares(const float* x, size_t n) override;
   bool all_finite(const float* x, size_t n) override;
-  void mul(float* out, const float* a, const float* b, size_t n) override;
-  void embedding_forward(float* out, const int* idx, const float* wte, const float* wpe, int B, int T, int C) override;
-  void embedding_backward(float* dwte, float* dwpe, const float* dout, const int* idx, int B, int T, int C) override;
-  void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight, const float* bias, int N, int C) override;
-  void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, const float* mean, const float* rstd, int N, int C) override;
-  void linear_forward(float* out, const float* inp, const float* weight, const float* bias, int N, int IC, int OC) override;
-  void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, int N, int IC, int OC) override;
-  void grouped_linear_forward(float* out, const float* inp, const float* weight, const float* bias, const int* offsets_host, int E, int IC, int OC) override;
-  void grouped_linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, const int* offsets_host, int E, int IC, int OC) override;
-  void linear_gelu_forward(float* pre, float* out, const float* inp, const float* weight, const float* bias, int N, int IC, int OC) override;
-  void gelu_linear_backward(float* dpre, float* dweight, float* dbias, const float* dout, const float* act, const float* weight, const float* pre, int N, int IC, int OC) override;
-  void grouped_linear_gelu_forward(float* pre, float* out, const float* inp, const float* weight, const float* bias, const int* offsets_host, int E, int IC, int OC) override;
-  void gelu_grouped_linear_backward(float* dpre, float* dweight, float* dbias, const float* dout, const float* act, const float* weight, const float* pre, const int* offsets_host, int E, int IC, int OC) override;
-  void gelu_forward(float* out, const float* inp, size_t n) override;
-  void gelu_backward(float* dinp, const float* inp, const float* dout, size_t n) override;
-  void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH) override;
-  void attention_backward(float* dqkv, const float* dout, const float* out, const float* qkv, const float* lse, int B, int T, int C, int NH) override;
-  void crossentropy_forward(float* losses, float* probs, const float* logits, const int* targets, int N, int V) override;
-  void crossentropy_backward(float* dlogits, const float* probs, const int* targets, float dloss, int N, int V) override;
+  void mul(Act* out, const Act* a, const float* factors, size_t n) override;
+  void embedding_forward(Act* out, const int* idx, const float* wte, const float* wpe, int B, int T, int C) override;
+  void embedding_backward(float* dwte, float* dwpe, const Act* dout, const int* idx, int B, int T, int C) override;
+  void layernorm_forward(Act* out, float* mean, float* rstd, const Act* inp, const float* weight, const float* bias, int N, int C) override;
+  void layernorm_backward(Act* dinp, float* dweight, float* dbias, const Act* dout, const Act* inp, const float* weight, const float* mean, const float* rstd, int N, int C) override;
+  void linear_forward(Act* out, const Act* inp, const float* weight, const float* bias, int N, int IC, int OC) override;
+  void linear_backward(Act* dinp, float* dweight, float* dbias, const Act* dout, const Act* inp, const float* weight, int N, int IC, int OC) override;
+  void grouped_linear_forward(Act* out, const Act* inp, const float* weight, const float* bias, const int* offsets_host, int E, int IC, int OC) override;
+  void grouped_linear_backward(Act* dinp, float* dweight, float* dbias, const Act* dout, const Act* inp, const float* weight, const int* offsets_host, int E, int IC, int OC) override;
+  void linear_gelu_forward(Act* pre, Act* out, const Act* inp, const float* weight, const float* bias, int N, int IC, int OC) override;
+  void gelu_linear_backward(Act* dpre, float* dweight, float* dbias, const Act* dout, const Act* act, const float* weight, const Act* pre, int N, int IC, int OC) override;
+  void grouped_linear_gelu_forward(Act* pre, Act* out, const Act* inp, const float* weight, const float* bias, const int* offsets_host, int E, int IC, int OC) override;
+  void gelu_grouped_linear_backward(Act* dpre, float* dweight, float* dbias, const Act* dout, const Act* act, const float* weight, const Act* pre, const int* offsets_host, int E, int IC, int OC) override;
+  void gelu_forward(Act* out, const Act* inp, size_t n) override;
+  void gelu_backward(Act* dinp, const Act* inp, const Act* dout, size_t n) override;
+  void attention_forward(Act* out, float* lse, const Act* qkv, int B, int T, int C, int NH) override;
+  void attention_backward(Act* dqkv, const Act* dout, const Act* out, const Act* qkv, const float* lse, int B, int T, int C, int NH) override;
+  void crossentropy_forward(float* losses, Act* probs, const Act* logits, const int* targets, int N, int V) override;
+  void crossentropy_backward(Act* dlogits, const Act* probs, const int* targets, float dloss, int N, int V) override;
+  void router_logits_forward(float* logits, const Act* inp, const float* weight, int N, int D, int E) override;
+  void router_logits_backward(Act* dinp, float* dweight, const float* dlogits, const Act* inp, const float* weight, int N, int D, int E) override;
   void softmax_forward(float* probs, float* lse, const float* logits, int N, int E) override;
   void softmax_backward(float* dlogits, const float* dprobs, const float* probs, int N, int E) override;
   void topk_forward(int* expert_idx, float* gates, const float* probs, int N, int E, int K) override;
@@ -131,10 +139,10 @@ class CudaBackend final : public Backend {
   void column_sums(double* sums_host, const float* x, int N, int E) override;
   void add_row_vector(float* x, const float* v_host, int N, int E) override;
   void zloss_backward(float* dlogits, const float* probs, const float* lse, float scale, int N, int E) override;
-  void gather_rows(float* out, const float* inp, const int* row_idx_host, int rows, int D) override;
-  void scatter_add_rows(float* dinp, const float* dout, const int* row_idx_host, int rows, int D) override;
-  void combine_forward(float* out, const float* y, const float* gates, const int* row_host, int N, int K, int D) override;
-  void combine_backward(float* dy, float* dgates, const float* dout, const float* y, const float* gates, const int* row_host, int N, int K, int D) override;
+  void gather_rows(Act* out, const Act* inp, const int* row_idx_host, int rows, int D) override;
+  void scatter_add_rows(Act* dinp, const Act* dout, const int* row_idx_host, int rows, int D) override;
+  void combine_forward(Act* out, const Act* y, const float* gates, const int* row_host, int N, int K, int D) override;
+  void combine_backward(Act* dy, float* dgates, const Act* dout, const Act* y, const float* gates, const int* row_host, int N, int K, int D) override;
   void adamw_update(float* params, const float* grads, float* m, float* v, size_t n, float lr, float beta1, float beta2, float eps, float weight_decay, int step) override;
 
   // ---- internals shared by the op files -------------------------------------------------

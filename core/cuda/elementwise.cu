@@ -1,5 +1,6 @@
-// Elementwise ops over flat fp32 buffers (memory-bound, grid-stride loops), and the two
-// reductions whose result the interface returns on the host (one device-to-host copy each).
+// Elementwise ops over flat fp32 buffers (memory-bound, grid-stride loops; activations are
+// fp32 here), and the two reductions whose result the interface returns on the host (one
+// device-to-host copy each).
 #include "core/cuda/cuda_backend.h"
 #include "core/cuda/device_math.cuh"
 
@@ -17,8 +18,8 @@ __global__ void accumulate_kernel(float* dst, const float* src, size_t n) {
   GRID_STRIDE(i, n) dst[i] += src[i];
 }
 __global__ void scale_kernel(float* x, float s, size_t n) { GRID_STRIDE(i, n) x[i] *= s; }
-__global__ void mul_kernel(float* out, const float* a, const float* b, size_t n) {
-  GRID_STRIDE(i, n) out[i] = a[i] * b[i];
+__global__ void mul_kernel(float* out, const float* a, const float* factors, size_t n) {
+  GRID_STRIDE(i, n) out[i] = a[i] * factors[i];
 }
 
 // total += sum of x^2 over this block's elements, in double.
@@ -39,14 +40,23 @@ __global__ void count_nonfinite_kernel(unsigned long long* num_bad, const float*
 
 }  // namespace
 
-void CudaBackend::add(float* out, const float* a, const float* b, size_t n) {
+void CudaBackend::add(Act* out_act,      // (n)
+                      const Act* a_act,  // (n)
+                      const Act* b_act,  // (n)
+                      size_t n) {
+  float* out = act_f32(out_act);
+  const float *a = act_f32(a_act), *b = act_f32(b_act);
   if (n == 0) return;
   note_write(out);
   add_kernel<<<grid_for(n), kThreads>>>(out, a, b, n);
   CUDA_CHECK_LAUNCH();
 }
 
-void CudaBackend::accumulate(float* dst, const float* src, size_t n) {
+void CudaBackend::accumulate(Act* dst_act,        // (n) +=
+                             const Act* src_act,  // (n)
+                             size_t n) {
+  float* dst = act_f32(dst_act);
+  const float* src = act_f32(src_act);
   if (n == 0) return;
   note_write(dst);
   accumulate_kernel<<<grid_for(n), kThreads>>>(dst, src, n);
@@ -60,10 +70,15 @@ void CudaBackend::scale(float* x, float s, size_t n) {
   CUDA_CHECK_LAUNCH();
 }
 
-void CudaBackend::mul(float* out, const float* a, const float* b, size_t n) {
+void CudaBackend::mul(Act* out_act,          // (n) may alias a
+                      const Act* a_act,      // (n)
+                      const float* factors,  // (n)
+                      size_t n) {
+  float* out = act_f32(out_act);
+  const float* a = act_f32(a_act);
   if (n == 0) return;
   note_write(out);
-  mul_kernel<<<grid_for(n), kThreads>>>(out, a, b, n);
+  mul_kernel<<<grid_for(n), kThreads>>>(out, a, factors, n);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -36,16 +36,24 @@ __global__ void embedding_backward_kernel(float* dwte,        // (V,C)    +=
 
 }  // namespace
 
-void CudaBackend::embedding_forward(float* out, const int* idx, const float* wte,
-                                    const float* wpe, int B, int T, int C) {
+void CudaBackend::embedding_forward(Act* out_act,      // (B,T,C)
+                                    const int* idx,    // (B,T)
+                                    const float* wte,  // (V,C)
+                                    const float* wpe,  // (Tmax,C)
+                                    int B, int T, int C) {
+  float* out = act_f32(out_act);
   if (B * T == 0) return;
   note_write(out);
   embedding_forward_kernel<<<B * T, kThreads>>>(out, idx, wte, wpe, B * T, T, C);
   CUDA_CHECK_LAUNCH();
 }
 
-void CudaBackend::embedding_backward(float* dwte, float* dwpe, const float* dout, const int* idx,
+void CudaBackend::embedding_backward(float* dwte,          // (V,C)    +=
+                                     float* dwpe,          // (Tmax,C) +=
+                                     const Act* dout_act,  // (B,T,C)
+                                     const int* idx,       // (B,T)
                                      int B, int T, int C) {
+  const float* dout = act_f32(dout_act);
   if (B * T == 0) return;
   note_write(dwte);
   note_write(dwpe);

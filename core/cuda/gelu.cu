@@ -19,19 +19,23 @@ __global__ void gelu_backward_kernel(float* dinp, const float* inp, const float*
 
 }  // namespace
 
-void CudaBackend::gelu_forward(float* out,        // (n)
-                               const float* inp,  // (n)
+void CudaBackend::gelu_forward(Act* out_act,        // (n)
+                               const Act* inp_act,  // (n)
                                size_t n) {
+  float* out = act_f32(out_act);
+  const float* inp = act_f32(inp_act);
   if (n == 0) return;
   note_write(out);
   gelu_forward_kernel<<<grid_for(n), kThreads>>>(out, inp, n);
   CUDA_CHECK_LAUNCH();
 }
 
-void CudaBackend::gelu_backward(float* dinp,        // (n) +=
-                                const float* inp,   // (n)
-                                const float* dout,  // (n)
+void CudaBackend::gelu_backward(Act* dinp_act,        // (n) +=
+                                const Act* inp_act,   // (n)
+                                const Act* dout_act,  // (n)
                                 size_t n) {
+  float* dinp = act_f32(dinp_act);
+  const float *inp = act_f32(inp_act), *dout = act_f32(dout_act);
   if (n == 0) return;
   note_write(dinp);
   gelu_backward_kernel<<<grid_for(n), kThreads>>>(dinp, inp, dout, n);

@@ -199,24 +199,27 @@ const __nv_bfloat16* CudaBackend::grouped_expert_products(bool transpose_weight,
              : nullptr;
 }
 
-void CudaBackend::grouped_linear_forward(float* out,               // (rows,OC)
-                                         const float* inp,         // (rows,IC)
+void CudaBackend::grouped_linear_forward(Act* out_act,             // (rows,OC)
+                                         const Act* inp_act,       // (rows,IC)
                                          const float* weight,      // (E,OC,IC)
                                          const float* bias,        // (E,OC) or nullptr
                                          const int* offsets_host,  // (E+1)
                                          int E, int IC, int OC) {
   check_offsets(offsets_host, E, "grouped_linear_forward");
-  expert_forward(out, nullptr, inp, weight, bias, offsets_host, E, IC, OC);
+  expert_forward(act_f32(out_act), nullptr, act_f32(inp_act), weight, bias, offsets_host, E, IC,
+                 OC);
 }
 
-void CudaBackend::grouped_linear_backward(float* dinp,               // (rows,IC) += or nullptr
+void CudaBackend::grouped_linear_backward(Act* dinp_act,             // (rows,IC) += or nullptr
                                           float* dweight,            // (E,OC,IC) +=
                                           float* dbias,              // (E,OC)    += or nullptr
-                                          const float* dout,         // (rows,OC)
-                                          const float* inp,          // (rows,IC)
+                                          const Act* dout_act,       // (rows,OC)
+                                          const Act* inp_act,        // (rows,IC)
                                           const float* weight,       // (E,OC,IC)
                                           const int* offsets_host,   // (E+1)
                                           int E, int IC, int OC) {
+  float* dinp = act_f32(dinp_act);
+  const float *dout = act_f32(dout_act), *inp = act_f32(inp_act);
   check_offsets(offsets_host, E, "grouped_linear_backward");
   const int first = offsets_host[0], rows = offsets_host[E] - first;
   if (rows <= 0 || OC == 0) return;  // IC == 0 still has bias gradients
@@ -247,15 +250,16 @@ void CudaBackend::grouped_linear_backward(float* dinp,               // (rows,IC
 // The experts' c_fc + GELU: with the grouped call, the widening pass adds the bias and applies
 // the GELU too (pre and out in one pass over the product); per expert, the products with
 // their bias epilogue, then the GELU kernel.
-void CudaBackend::grouped_linear_gelu_forward(float* pre,               // (rows,OC)
-                                              float* out,               // (rows,OC)
-                                              const float* inp,         // (rows,IC)
+void CudaBackend::grouped_linear_gelu_forward(Act* pre_act,             // (rows,OC)
+                                              Act* out_act,             // (rows,OC)
+                                              const Act* inp_act,       // (rows,IC)
                                               const float* weight,      // (E,OC,IC)
                                               const float* bias,        // (E,OC) or nullptr
                                               const int* offsets_host,  // (E+1)
                                               int E, int IC, int OC) {
   check_offsets(offsets_host, E, "grouped_linear_gelu_forward");
-  expert_forward(pre, out, inp, weight, bias, offsets_host, E, IC, OC);
+  expert_forward(act_f32(pre_act), act_f32(out_act), act_f32(inp_act), weight, bias,
+                 offsets_host, E, IC, OC);
 }
 
 // Both forwards: with the grouped call, the pass that widens the bf16 product adds the bias
@@ -287,21 +291,23 @@ void CudaBackend::expert_forward(float* out,               // (rows,OC)
     return;
   }
   forward_per_expert(*this, out, inp_bf16, w_bf16, bias, offsets_host, E, IC, OC);
-  if (gelu_out != nullptr) gelu_forward(gelu_out + at, out + at, total);
+  if (gelu_out != nullptr) gelu_forward(f32_act(gelu_out + at), f32_act(out + at), total);
 }
 
 // c_proj's backward through the GELU: dout is converted once for both products. With the
 // grouped call, one pass turns the bf16 dinp product into dpre = product * gelu'(pre); per
 // expert, a zeroed dpre takes the products, then is scaled by gelu'(pre).
-void CudaBackend::gelu_grouped_linear_backward(float* dpre,              // (rows,IC) written
+void CudaBackend::gelu_grouped_linear_backward(Act* dpre_act,            // (rows,IC) written
                                                float* dweight,           // (E,OC,IC) +=
                                                float* dbias,             // (E,OC)    += or nullptr
-                                               const float* dout,        // (rows,OC)
-                                               const float* act,         // (rows,IC)
+                                               const Act* dout_act,      // (rows,OC)
+                                               const Act* gelu_act,      // (rows,IC) gelu(pre)
                                                const float* weight,      // (E,OC,IC)
-                                               const float* pre,         // (rows,IC)
+                                               const Act* pre_act,       // (rows,IC)
                                                const int* offsets_host,  // (E+1)
                                                int E, int IC, int OC) {
+  float* dpre = act_f32(dpre_act);
+  const float *dout = act_f32(dout_act), *act = act_f32(gelu_act), *pre = act_f32(pre_act);
   check_offsets(offsets_host, E, "gelu_grouped_linear_backward");
   const int first = offsets_host[0], rows = offsets_host[E] - first;
   if (rows <= 0) return;

@@ -103,8 +103,15 @@ __global__ void layernorm_backward_params_kernel(float* dweight,       // (C) +=
 
 }  // namespace
 
-void CudaBackend::layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
-                                    const float* weight, const float* bias, int N, int C) {
+void CudaBackend::layernorm_forward(Act* out_act,         // (N,C)
+                                    float* mean,          // (N)
+                                    float* rstd,          // (N)
+                                    const Act* inp_act,   // (N,C)
+                                    const float* weight,  // (C)
+                                    const float* bias,    // (C)
+                                    int N, int C) {
+  float* out = act_f32(out_act);
+  const float* inp = act_f32(inp_act);
   if (N == 0) return;
   note_write(out);
   note_write(mean);
@@ -114,9 +121,17 @@ void CudaBackend::layernorm_forward(float* out, float* mean, float* rstd, const 
   CUDA_CHECK_LAUNCH();
 }
 
-void CudaBackend::layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout,
-                                     const float* inp, const float* weight, const float* mean,
-                                     const float* rstd, int N, int C) {
+void CudaBackend::layernorm_backward(Act* dinp_act,        // (N,C) +=
+                                     float* dweight,       // (C)   +=
+                                     float* dbias,         // (C)   +=
+                                     const Act* dout_act,  // (N,C)
+                                     const Act* inp_act,   // (N,C)
+                                     const float* weight,  // (C)
+                                     const float* mean,    // (N)
+                                     const float* rstd,    // (N)
+                                     int N, int C) {
+  float* dinp = act_f32(dinp_act);
+  const float *dout = act_f32(dout_act), *inp = act_f32(inp_act);
   if (N == 0) return;
   note_write(dinp);
   note_write(dweight);

@@ -1,7 +1,8 @@
 // Linear layer: out = inp @ weight^T + bias through cuBLASLt (bf16 operands, fp32 accumulate,
 // the bias in the GEMM's epilogue). Row-major (N,OC) = (N,IC) @ (OC,IC)^T is, in cuBLAS's
 // column-major terms, out^T (OC,N) = W (OC,IC) * inp^T (IC,N): A = W transposed, B = inp.
-// Narrow outputs (the router's E logits) run in fp32 throughout.
+// Narrow outputs (OC <= kFp32MaxOutputs) run in fp32 throughout, as the router's logits do
+// (router_logits.cu).
 #include "core/cuda/cuda_backend.h"
 
 namespace moe {
@@ -81,22 +82,26 @@ GemmCall CudaBackend::linear_dinp_call(float* dinp,                // (N,IC)
   return g;
 }
 
-void CudaBackend::linear_forward(float* out,           // (N,OC)
-                                 const float* inp,     // (N,IC)
+void CudaBackend::linear_forward(Act* out_act,         // (N,OC)
+                                 const Act* inp_act,   // (N,IC)
                                  const float* weight,  // (OC,IC)
                                  const float* bias,    // (OC) or nullptr
                                  int N, int IC, int OC) {
+  float* out = act_f32(out_act);
+  const float* inp = act_f32(inp_act);
   if (N == 0 || OC == 0) return;
   gemm(linear_forward_call(out, inp, weight, bias, N, IC, OC));
 }
 
-void CudaBackend::linear_backward(float* dinp,          // (N,IC)  += or nullptr
+void CudaBackend::linear_backward(Act* dinp_act,        // (N,IC)  += or nullptr
                                   float* dweight,       // (OC,IC) +=
                                   float* dbias,         // (OC)    += or nullptr
-                                  const float* dout,    // (N,OC)
-                                  const float* inp,     // (N,IC)
+                                  const Act* dout_act,  // (N,OC)
+                                  const Act* inp_act,   // (N,IC)
                                   const float* weight,  // (OC,IC)
                                   int N, int IC, int OC) {
+  float* dinp = act_f32(dinp_act);
+  const float *dout = act_f32(dout_act), *inp = act_f32(inp_act);
   if (N == 0 || OC == 0 || IC == 0) return;
   const void* dout_op = linear_dout_operand(dout, N, OC);  // (N,OC)
   if (dinp != nullptr) gemm(linear_dinp_call(dinp, dout_op, weight, N, IC, OC));

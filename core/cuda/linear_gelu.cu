@@ -30,12 +30,14 @@ void launch_scale_by_gelu_derivative(float* dpre, const float* pre, size_t n) {
   CUDA_CHECK_LAUNCH();
 }
 
-void CudaBackend::linear_gelu_forward(float* pre,           // (N,OC)
-                                      float* out,           // (N,OC)
-                                      const float* inp,     // (N,IC)
+void CudaBackend::linear_gelu_forward(Act* pre_act,         // (N,OC)
+                                      Act* out_act,         // (N,OC)
+                                      const Act* inp_act,   // (N,IC)
                                       const float* weight,  // (OC,IC)
                                       const float* bias,    // (OC) or nullptr
                                       int N, int IC, int OC) {
+  float *pre = act_f32(pre_act), *out = act_f32(out_act);
+  const float* inp = act_f32(inp_act);
   if (N == 0 || OC == 0) return;
   GemmCall g = linear_forward_call(pre, inp, weight, bias, N, IC, OC);  // the unfused product
   const bool bias_fits = bias == nullptr || reinterpret_cast<uintptr_t>(bias) % 16 == 0;
@@ -48,17 +50,19 @@ void CudaBackend::linear_gelu_forward(float* pre,           // (N,OC)
     if (try_gemm(with_gelu)) return;
   }
   gemm(g);  // inp's bf16 copy made above serves this product too
-  gelu_forward(out, pre, static_cast<size_t>(N) * OC);
+  gelu_forward(out_act, pre_act, static_cast<size_t>(N) * OC);
 }
 
-void CudaBackend::gelu_linear_backward(float* dpre,          // (N,IC) written
+void CudaBackend::gelu_linear_backward(Act* dpre_act,        // (N,IC) written
                                        float* dweight,       // (OC,IC) +=
                                        float* dbias,         // (OC)    += or nullptr
-                                       const float* dout,    // (N,OC)
-                                       const float* act,     // (N,IC)
+                                       const Act* dout_act,  // (N,OC)
+                                       const Act* gelu_act,  // (N,IC) gelu(pre), c_proj's input
                                        const float* weight,  // (OC,IC)
-                                       const float* pre,     // (N,IC)
+                                       const Act* pre_act,   // (N,IC)
                                        int N, int IC, int OC) {
+  float* dpre = act_f32(dpre_act);
+  const float *dout = act_f32(dout_act), *act = act_f32(gelu_act), *pre = act_f32(pre_act);
   if (N == 0 || IC == 0) return;
   const size_t n = static_cast<size_t>(N) * IC;
   if (OC == 0) {  // no outputs: nothing flows back

@@ -1,4 +1,5 @@
-// Device memory, copies, scratch slots, the bf16 weight cache and the backend's construction.
+// Device memory, copies (activations too), scratch slots, the bf16 weight cache and the
+// backend's construction.
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -186,5 +187,20 @@ void CudaBackend::fill_zero(void* ptr, size_t bytes) {
 }
 
 void CudaBackend::synchronize() { CUDA_CHECK(cudaDeviceSynchronize()); }
+
+// Activations are fp32 here, so moving them to and from host floats is a plain copy.
+ActType CudaBackend::activation_type() const { return ActType::kF32; }
+
+void CudaBackend::copy_act_to_host(float* dst_host,  // (n)
+                                   const Act* src,   // (n)
+                                   size_t n) {
+  copy_to_host(dst_host, src, n * sizeof(float));
+}
+
+void CudaBackend::copy_act_from_host(Act* dst,               // (n)
+                                     const float* src_host,  // (n)
+                                     size_t n) {
+  copy_from_host(dst, src_host, n * sizeof(float));
+}
 
 }  // namespace moe

@@ -28,8 +28,12 @@ __global__ void scatter_add_rows_kernel(float* dinp,          // (N,D) +=
 
 }  // namespace
 
-void CudaBackend::gather_rows(float* out, const float* inp, const int* row_idx_host, int rows,
-                              int D) {
+void CudaBackend::gather_rows(Act* out_act,             // (rows,D)
+                              const Act* inp_act,       // (N,D)
+                              const int* row_idx_host,  // (rows)
+                              int rows, int D) {
+  float* out = act_f32(out_act);
+  const float* inp = act_f32(inp_act);
   if (rows == 0) return;
   note_write(out);
   const int* row_idx = upload(kIndexA, row_idx_host, rows);
@@ -37,8 +41,12 @@ void CudaBackend::gather_rows(float* out, const float* inp, const int* row_idx_h
   CUDA_CHECK_LAUNCH();
 }
 
-void CudaBackend::scatter_add_rows(float* dinp, const float* dout, const int* row_idx_host,
+void CudaBackend::scatter_add_rows(Act* dinp_act,            // (N,D) +=
+                                   const Act* dout_act,      // (rows,D)
+                                   const int* row_idx_host,  // (rows)
                                    int rows, int D) {
+  float* dinp = act_f32(dinp_act);
+  const float* dout = act_f32(dout_act);
   if (rows == 0) return;
   note_write(dinp);
   const int* row_idx = upload(kIndexA, row_idx_host, rows);

@@ -55,11 +55,23 @@ class ProfilingBackend final : public Backend {
     const OpTimer timer(*this, "synchronize");
     inner_->synchronize();
   }
-  void add(float* out, const float* a, const float* b, size_t n) override {
+  // A property, no GPU work: not timed.
+  ActType activation_type() const override {
+    return inner_->activation_type();
+  }
+  void copy_act_to_host(float* dst_host, const Act* src, size_t n) override {
+    const OpTimer timer(*this, "copy_act_to_host");
+    inner_->copy_act_to_host(dst_host, src, n);
+  }
+  void copy_act_from_host(Act* dst, const float* src_host, size_t n) override {
+    const OpTimer timer(*this, "copy_act_from_host");
+    inner_->copy_act_from_host(dst, src_host, n);
+  }
+  void add(Act* out, const Act* a, const Act* b, size_t n) override {
     const OpTimer timer(*this, "add");
     inner_->add(out, a, b, n);
   }
-  void accumulate(float* dst, const float* src, size_t n) override {
+  void accumulate(Act* dst, const Act* src, size_t n) override {
     const OpTimer timer(*this, "accumulate");
     inner_->accumulate(dst, src, n);
   }
@@ -75,81 +87,89 @@ class ProfilingBackend final : public Backend {
     const OpTimer timer(*this, "all_finite");
     return inner_->all_finite(x, n);
   }
-  void mul(float* out, const float* a, const float* b, size_t n) override {
+  void mul(Act* out, const Act* a, const float* factors, size_t n) override {
     const OpTimer timer(*this, "mul");
-    inner_->mul(out, a, b, n);
+    inner_->mul(out, a, factors, n);
   }
-  void embedding_forward(float* out, const int* idx, const float* wte, const float* wpe, int B, int T, int C) override {
+  void embedding_forward(Act* out, const int* idx, const float* wte, const float* wpe, int B, int T, int C) override {
     const OpTimer timer(*this, "embedding_forward");
     inner_->embedding_forward(out, idx, wte, wpe, B, T, C);
   }
-  void embedding_backward(float* dwte, float* dwpe, const float* dout, const int* idx, int B, int T, int C) override {
+  void embedding_backward(float* dwte, float* dwpe, const Act* dout, const int* idx, int B, int T, int C) override {
     const OpTimer timer(*this, "embedding_backward");
     inner_->embedding_backward(dwte, dwpe, dout, idx, B, T, C);
   }
-  void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight, const float* bias, int N, int C) override {
+  void layernorm_forward(Act* out, float* mean, float* rstd, const Act* inp, const float* weight, const float* bias, int N, int C) override {
     const OpTimer timer(*this, "layernorm_forward");
     inner_->layernorm_forward(out, mean, rstd, inp, weight, bias, N, C);
   }
-  void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, const float* mean, const float* rstd, int N, int C) override {
+  void layernorm_backward(Act* dinp, float* dweight, float* dbias, const Act* dout, const Act* inp, const float* weight, const float* mean, const float* rstd, int N, int C) override {
     const OpTimer timer(*this, "layernorm_backward");
     inner_->layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, N, C);
   }
-  void linear_forward(float* out, const float* inp, const float* weight, const float* bias, int N, int IC, int OC) override {
+  void linear_forward(Act* out, const Act* inp, const float* weight, const float* bias, int N, int IC, int OC) override {
     const OpTimer timer(*this, "linear_forward");
     inner_->linear_forward(out, inp, weight, bias, N, IC, OC);
   }
-  void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, int N, int IC, int OC) override {
+  void linear_backward(Act* dinp, float* dweight, float* dbias, const Act* dout, const Act* inp, const float* weight, int N, int IC, int OC) override {
     const OpTimer timer(*this, "linear_backward");
     inner_->linear_backward(dinp, dweight, dbias, dout, inp, weight, N, IC, OC);
   }
-  void grouped_linear_forward(float* out, const float* inp, const float* weight, const float* bias, const int* offsets_host, int E, int IC, int OC) override {
+  void grouped_linear_forward(Act* out, const Act* inp, const float* weight, const float* bias, const int* offsets_host, int E, int IC, int OC) override {
     const OpTimer timer(*this, "grouped_linear_forward");
     inner_->grouped_linear_forward(out, inp, weight, bias, offsets_host, E, IC, OC);
   }
-  void grouped_linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, const int* offsets_host, int E, int IC, int OC) override {
+  void grouped_linear_backward(Act* dinp, float* dweight, float* dbias, const Act* dout, const Act* inp, const float* weight, const int* offsets_host, int E, int IC, int OC) override {
     const OpTimer timer(*this, "grouped_linear_backward");
     inner_->grouped_linear_backward(dinp, dweight, dbias, dout, inp, weight, offsets_host, E, IC, OC);
   }
-  void linear_gelu_forward(float* pre, float* out, const float* inp, const float* weight, const float* bias, int N, int IC, int OC) override {
+  void linear_gelu_forward(Act* pre, Act* out, const Act* inp, const float* weight, const float* bias, int N, int IC, int OC) override {
     const OpTimer timer(*this, "linear_gelu_forward");
     inner_->linear_gelu_forward(pre, out, inp, weight, bias, N, IC, OC);
   }
-  void gelu_linear_backward(float* dpre, float* dweight, float* dbias, const float* dout, const float* act, const float* weight, const float* pre, int N, int IC, int OC) override {
+  void gelu_linear_backward(Act* dpre, float* dweight, float* dbias, const Act* dout, const Act* act, const float* weight, const Act* pre, int N, int IC, int OC) override {
     const OpTimer timer(*this, "gelu_linear_backward");
     inner_->gelu_linear_backward(dpre, dweight, dbias, dout, act, weight, pre, N, IC, OC);
   }
-  void grouped_linear_gelu_forward(float* pre, float* out, const float* inp, const float* weight, const float* bias, const int* offsets_host, int E, int IC, int OC) override {
+  void grouped_linear_gelu_forward(Act* pre, Act* out, const Act* inp, const float* weight, const float* bias, const int* offsets_host, int E, int IC, int OC) override {
     const OpTimer timer(*this, "grouped_linear_gelu_forward");
     inner_->grouped_linear_gelu_forward(pre, out, inp, weight, bias, offsets_host, E, IC, OC);
   }
-  void gelu_grouped_linear_backward(float* dpre, float* dweight, float* dbias, const float* dout, const float* act, const float* weight, const float* pre, const int* offsets_host, int E, int IC, int OC) override {
+  void gelu_grouped_linear_backward(Act* dpre, float* dweight, float* dbias, const Act* dout, const Act* act, const float* weight, const Act* pre, const int* offsets_host, int E, int IC, int OC) override {
     const OpTimer timer(*this, "gelu_grouped_linear_backward");
     inner_->gelu_grouped_linear_backward(dpre, dweight, dbias, dout, act, weight, pre, offsets_host, E, IC, OC);
   }
-  void gelu_forward(float* out, const float* inp, size_t n) override {
+  void gelu_forward(Act* out, const Act* inp, size_t n) override {
     const OpTimer timer(*this, "gelu_forward");
     inner_->gelu_forward(out, inp, n);
   }
-  void gelu_backward(float* dinp, const float* inp, const float* dout, size_t n) override {
+  void gelu_backward(Act* dinp, const Act* inp, const Act* dout, size_t n) override {
     const OpTimer timer(*this, "gelu_backward");
     inner_->gelu_backward(dinp, inp, dout, n);
   }
-  void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH) override {
+  void attention_forward(Act* out, float* lse, const Act* qkv, int B, int T, int C, int NH) override {
     const OpTimer timer(*this, "attention_forward");
     inner_->attention_forward(out, lse, qkv, B, T, C, NH);
   }
-  void attention_backward(float* dqkv, const float* dout, const float* out, const float* qkv, const float* lse, int B, int T, int C, int NH) override {
+  void attention_backward(Act* dqkv, const Act* dout, const Act* out, const Act* qkv, const float* lse, int B, int T, int C, int NH) override {
     const OpTimer timer(*this, "attention_backward");
     inner_->attention_backward(dqkv, dout, out, qkv, lse, B, T, C, NH);
   }
-  void crossentropy_forward(float* losses, float* probs, const float* logits, const int* targets, int N, int V) override {
+  void crossentropy_forward(float* losses, Act* probs, const Act* logits, const int* targets, int N, int V) override {
     const OpTimer timer(*this, "crossentropy_forward");
     inner_->crossentropy_forward(losses, probs, logits, targets, N, V);
   }
-  void crossentropy_backward(float* dlogits, const float* probs, const int* targets, float dloss, int N, int V) override {
+  void crossentropy_backward(Act* dlogits, const Act* probs, const int* targets, float dloss, int N, int V) override {
     const OpTimer timer(*this, "crossentropy_backward");
     inner_->crossentropy_backward(dlogits, probs, targets, dloss, N, V);
+  }
+  void router_logits_forward(float* logits, const Act* inp, const float* weight, int N, int D, int E) override {
+    const OpTimer timer(*this, "router_logits_forward");
+    inner_->router_logits_forward(logits, inp, weight, N, D, E);
+  }
+  void router_logits_backward(Act* dinp, float* dweight, const float* dlogits, const Act* inp, const float* weight, int N, int D, int E) override {
+    const OpTimer timer(*this, "router_logits_backward");
+    inner_->router_logits_backward(dinp, dweight, dlogits, inp, weight, N, D, E);
   }
   void softmax_forward(float* probs, float* lse, const float* logits, int N, int E) override {
     const OpTimer timer(*this, "softmax_forward");
@@ -183,19 +203,19 @@ class ProfilingBackend final : public Backend {
     const OpTimer timer(*this, "zloss_backward");
     inner_->zloss_backward(dlogits, probs, lse, scale, N, E);
   }
-  void gather_rows(float* out, const float* inp, const int* row_idx_host, int rows, int D) override {
+  void gather_rows(Act* out, const Act* inp, const int* row_idx_host, int rows, int D) override {
     const OpTimer timer(*this, "gather_rows");
     inner_->gather_rows(out, inp, row_idx_host, rows, D);
   }
-  void scatter_add_rows(float* dinp, const float* dout, const int* row_idx_host, int rows, int D) override {
+  void scatter_add_rows(Act* dinp, const Act* dout, const int* row_idx_host, int rows, int D) override {
     const OpTimer timer(*this, "scatter_add_rows");
     inner_->scatter_add_rows(dinp, dout, row_idx_host, rows, D);
   }
-  void combine_forward(float* out, const float* y, const float* gates, const int* row_host, int N, int K, int D) override {
+  void combine_forward(Act* out, const Act* y, const float* gates, const int* row_host, int N, int K, int D) override {
     const OpTimer timer(*this, "combine_forward");
     inner_->combine_forward(out, y, gates, row_host, N, K, D);
   }
-  void combine_backward(float* dy, float* dgates, const float* dout, const float* y, const float* gates, const int* row_host, int N, int K, int D) override {
+  void combine_backward(Act* dy, float* dgates, const Act* dout, const Act* y, const float* gates, const int* row_host, int N, int K, int D) override {
     const OpTimer timer(*this, "combine_backward");
     inner_->combine_backward(dy, dgates, dout, y, gates, row_host, N, K, D);
   }
