@@ -9,11 +9,18 @@
 #include <vector>
 
 #include "core/error.h"
+#include "dist/device_groups.h"
 #include "launcher/device.h"
 #include "model/checkpoint.h"
 #include "model/weights_io.h"
 
 namespace moe {
+namespace {
+
+// A group of one process never waits on a peer; the watchdog needs a bound all the same.
+constexpr double kOneProcessTimeoutSeconds = 60.0;
+
+}  // namespace
 
 EvalSession open_evaluation(const EvalOptions& options) {
   if (options.threads > 0) omp_set_num_threads(options.threads);
@@ -42,7 +49,13 @@ EvalSession open_evaluation(const EvalOptions& options) {
   session.data = std::make_unique<DataLoader>(DataLoader::for_evaluation(std::move(stream), T));
 
   session.backend = make_backend(options.device);
-  session.self = make_self_communicator();
+  // On a GPU the Switch layers' row exchange copies device memory: the device group of one
+  // process (cudaMemcpy, no NCCL), not the host copy of make_self_communicator.
+  session.self = options.device == "cuda"
+                     ? std::move(make_device_process_groups(make_single_process_groups(),
+                                                            kOneProcessTimeoutSeconds)
+                                     .ep)
+                     : make_self_communicator();
   session.layout = std::make_unique<ParamLayout>(config);
   Communicator& self = *session.self;
   session.model = std::make_unique<GptModel>(*session.backend, config, *session.layout,

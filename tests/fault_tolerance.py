@@ -162,6 +162,26 @@ def freeze_at(job, at):
     return pids, job.iterations_done()
 
 
+def start_frozen(ctx, tag, extra, attempts=3):
+    """Starts a job (extra(attempt) gives its flags and its save directory or None) and freezes
+    it at a random iteration (freeze_at). The last iterations take a few ms, so a loaded
+    machine can keep this script asleep until the run has ended: such a run, which says
+    nothing about the trainer, is started again, up to `attempts` times.
+    Returns (job, at, pids, done, save); pids is None when no attempt froze in time."""
+    for attempt in range(attempts):
+        flags, save = extra(attempt)
+        job = Job(ctx, f"{tag}-{attempt}", flags)
+        at = ctx.rng.randint(2, ITERS - 4)
+        pids, done = freeze_at(job, at)
+        if pids is not None and done < ITERS:
+            return job, at, pids, done, save
+        print(f"  retry {tag}: the run was at iteration {done} of {ITERS} when frozen")
+        if pids is not None:
+            thaw(pids)
+        job.wait(30)
+    return job, at, None, done, save
+
+
 def thaw(pids, skip=None):
     """SIGCONT to every frozen rank but `skip`."""
     for rank, pid in pids.items():
@@ -196,11 +216,10 @@ class Context:
 
 
 def test_kill(ctx, trial):
-    save = os.path.join(ctx.workdir, f"kill{trial}")
-    job = Job(ctx, f"kill{trial}", ["--save", save, "--save-interval", "1",
-                                    "--keep-checkpoints", "3"])
-    at = ctx.rng.randint(2, ITERS - 4)
-    pids, done = freeze_at(job, at)
+    def extra(attempt):
+        save = os.path.join(ctx.workdir, f"kill{trial}-{attempt}")
+        return ["--save", save, "--save-interval", "1", "--keep-checkpoints", "3"], save
+    job, at, pids, done, save = start_frozen(ctx, f"kill{trial}", extra)
     if not check(pids is not None and done < ITERS,
                  f"kill #{trial}: run reached iteration {at} with its {RANKS} rank processes, "
                  f"frozen still training (iteration {done} of {ITERS})"):
@@ -221,9 +240,8 @@ def test_kill(ctx, trial):
 
 
 def test_stop(ctx):
-    job = Job(ctx, "stop", ["--distributed-timeout", "5"])
-    at = ctx.rng.randint(2, ITERS - 4)
-    pids, done = freeze_at(job, at)
+    job, at, pids, done, _ = start_frozen(ctx, "stop",
+                                          lambda attempt: (["--distributed-timeout", "5"], None))
     if not check(pids is not None and done < ITERS,
                  f"stop: run reached iteration {at} with its {RANKS} rank processes, frozen "
                  f"still training (iteration {done} of {ITERS})"):
@@ -245,10 +263,10 @@ def test_stop(ctx):
 
 
 def test_sigterm(ctx):
-    save = os.path.join(ctx.workdir, "sigterm")
-    job = Job(ctx, "sigterm", ["--save", save])  # no --save-interval: only the stop saves
-    at = ctx.rng.randint(2, ITERS - 4)
-    pids, done = freeze_at(job, at)
+    def extra(attempt):
+        save = os.path.join(ctx.workdir, f"sigterm-{attempt}")
+        return ["--save", save], save  # no --save-interval: only the stop saves
+    job, at, pids, done, save = start_frozen(ctx, "sigterm", extra)
     if not check(pids is not None and done < ITERS,
                  f"sigterm: run reached iteration {at} with its {RANKS} rank processes, frozen "
                  f"still training (iteration {done} of {ITERS})"):

@@ -1,8 +1,16 @@
 // The whole model on the GPU against the CPU: 20 training iterations of a small Switch
 // Transformer through Trainer (forward, backward, router with capacity, AdamW) from the same
-// initialization on the same data, once per backend. The GPU runs its GEMMs in bf16, so the
-// losses agree to bf16's precision, not bit for bit: each iteration's lm_loss must be within
-// 2% of the CPU's, and both runs must learn (the last loss below the first).
+// initialization on the same data, once per backend. The GPU stores its activations in bf16
+// and runs its GEMMs in bf16, so the losses agree to bf16's precision, not bit for bit:
+//   iteration 1 is one forward from the same weights: only rounding differs (at most 2^-8 of
+//     an element, averaging out over the batch's 512 tokens), so its lm_loss is within 0.5%;
+//   after that the runs drift apart as bf16 training does (bf16 runs track fp32 loss curves
+//     to ~1% over tens of steps; a router choice or a capacity drop may flip): every
+//     iteration's lm_loss within 2% of the CPU's;
+//   and both runs must learn (the last loss below the first).
+// For scale: the loss falls by about a third here (5.5 to 3.5 on tinyshakespeare), and the CPU
+// backend with every activation and GEMM weight rounded to bf16 drifted from the fp32 run by
+// at most 4e-4 relative over these 20 iterations (3.5e-5 at iteration 1).
 //
 // Without a GPU (or in a build without CUDA) the test is skipped, naming the reason.
 #include <gtest/gtest.h>
@@ -25,6 +33,7 @@ namespace {
 namespace fs = std::filesystem;
 
 constexpr int kIterations = 20;
+constexpr double kFirstIterationTolerance = 0.005;
 constexpr double kRelativeTolerance = 0.02;
 
 // Tinyshakespeare beside the checkout when it is there, else this repository's README.
@@ -71,8 +80,11 @@ TEST(CudaModel, TwentyIterationsMatchCpuLosses) {
       worst_at = k + 1;
     }
   }
-  std::printf("worst relative lm_loss difference %.3g at iteration %d (tolerance %.3g)\n", worst,
-              worst_at, kRelativeTolerance);
+  const double first = std::fabs(gpu[0] - cpu[0]) / cpu[0];
+  std::printf("worst relative lm_loss difference %.3g at iteration %d (tolerance %.3g); "
+              "iteration 1 %.3g (tolerance %.3g)\n",
+              worst, worst_at, kRelativeTolerance, first, kFirstIterationTolerance);
+  EXPECT_LE(first, kFirstIterationTolerance) << "the forward from the same weights differs";
   EXPECT_LE(worst, kRelativeTolerance);
   EXPECT_LT(gpu.back(), gpu.front()) << "the GPU run did not learn";
   EXPECT_LT(cpu.back(), cpu.front()) << "the CPU run did not learn";

@@ -8,14 +8,18 @@
 //             P = exp(S - lse), and with dP = dO v^T, delta = rowsum(dO * out):
 //             dS = P (dP - delta); dV += P^T dO and dK += dS^T q stay in registers; dQ += dS k
 //             goes by atomics into an fp32 buffer that is added to dqkv at the end.
-// Nothing of size T x T ever reaches global memory. The heads go through bf16 copies
-// (B,NH,T,HDP) whose head dim is zero-padded to HDP, a multiple of WMMA's 16: zero columns
-// change neither q k^T nor the used columns of P v. Head dims up to 128.
+// Nothing of size T x T ever reaches global memory. qkv, out, dout and dqkv are activations
+// (bf16, act.cuh): out and dqkv round once per element as they are stored (dqkv's dk and dv
+// when a block has its keys' sums, dq when its fp32 sum over every key tile is complete); lse
+// stays fp32. The heads go through head-major bf16 copies (B,NH,T,HDP) whose head dim is
+// zero-padded to HDP, a multiple of WMMA's 16 (zero columns change neither q k^T nor the used
+// columns of P v), so every tile loads as whole 16-byte rows. Head dims up to 128.
 #include <mma.h>
 
 #include <cmath>
 #include <string>
 
+#include "core/cuda/act.cuh"
 #include "core/cuda/cuda_backend.h"
 #include "core/cuda/device_math.cuh"
 
@@ -61,9 +65,9 @@ constexpr size_t kBackwardSmem = 4 * kHeadTileBytes<HDP> + 2 * kTileBytes + 2 * 
                                  2 * kRowBytes;  // the dQ staging tile reuses q_s and do_s
 
 // q, k, v (B,NH,T,HDP) bf16 from qkv (B,T,3C); head h is columns h*hd..(h+1)*hd of each part;
-// columns hd..HDP-1 are zero.
+// columns hd..HDP-1 are zero. A copy: qkv is bf16 already.
 __global__ void split_heads_kernel(__nv_bfloat16* q, __nv_bfloat16* k, __nv_bfloat16* v,
-                                   const float* qkv,  // (B,T,3C)
+                                   const act_t* qkv,  // (B,T,3C)
                                    int B, int T, int C, int NH, int hdp) {
   const int hd = C / NH;
   const size_t total = static_cast<size_t>(B) * NH * T * hdp;
@@ -74,21 +78,22 @@ __global__ void split_heads_kernel(__nv_bfloat16* q, __nv_bfloat16* k, __nv_bflo
     const int t = static_cast<int>(row % T);
     const size_t bh = row / T;
     const int h = static_cast<int>(bh % NH), b = static_cast<int>(bh / NH);
-    float qv = 0.0f, kv = 0.0f, vv = 0.0f;
+    const __nv_bfloat16 zero = __float2bfloat16_rn(0.0f);
+    __nv_bfloat16 qv = zero, kv = zero, vv = zero;
     if (d < hd) {
-      const float* src = qkv + (static_cast<size_t>(b) * T + t) * 3 * C + h * hd + d;
+      const act_t* src = qkv + (static_cast<size_t>(b) * T + t) * 3 * C + h * hd + d;
       qv = src[0];
       kv = src[C];
       vv = src[2 * C];
     }
-    q[i] = __float2bfloat16_rn(qv);
-    k[i] = __float2bfloat16_rn(kv);
-    v[i] = __float2bfloat16_rn(vv);
+    q[i] = qv;
+    k[i] = kv;
+    v[i] = vv;
   }
 }
 
-// out (B,NH,T,HDP) bf16 from x (B,T,C), zero-padded like split_heads_kernel.
-__global__ void split_heads_one_kernel(__nv_bfloat16* out, const float* x,  // (B,T,C)
+// out (B,NH,T,HDP) bf16 from x (B,T,C), zero-padded like split_heads_kernel (a copy too).
+__global__ void split_heads_one_kernel(__nv_bfloat16* out, const act_t* x,  // (B,T,C)
                                        int B, int T, int C, int NH, int hdp) {
   const int hd = C / NH;
   const size_t total = static_cast<size_t>(B) * NH * T * hdp;
@@ -99,8 +104,8 @@ __global__ void split_heads_one_kernel(__nv_bfloat16* out, const float* x,  // (
     const int t = static_cast<int>(row % T);
     const size_t bh = row / T;
     const int h = static_cast<int>(bh % NH), b = static_cast<int>(bh / NH);
-    out[i] = __float2bfloat16_rn(
-        d < hd ? x[(static_cast<size_t>(b) * T + t) * C + h * hd + d] : 0.0f);
+    out[i] = d < hd ? x[(static_cast<size_t>(b) * T + t) * C + h * hd + d]
+                    : __float2bfloat16_rn(0.0f);
   }
 }
 
@@ -120,7 +125,7 @@ __device__ void load_head_tile(__nv_bfloat16* tile, const __nv_bfloat16* head, i
 
 template <int HDP>
 __global__ void __launch_bounds__(kFlashThreads)
-    flash_forward_kernel(float* out,                // (B,T,C)
+    flash_forward_kernel(act_t* out,                // (B,T,C)
                          float* lse,                // (B,NH,T)
                          const __nv_bfloat16* q,    // (B,NH,T,HDP)
                          const __nv_bfloat16* k,    // (B,NH,T,HDP)
@@ -231,15 +236,16 @@ __global__ void __launch_bounds__(kFlashThreads)
     const int t = q0 + wr + r;
     if (t >= T) break;
     const float inv_sum = 1.0f / row_sum[wr + r];
-    float* out_row = out + (static_cast<size_t>(b) * T + t) * C + h * hd;  // (hd)
-    for (int d = lane; d < hd; d += 32) out_row[d] = o_w[r * kHeadStrideF32<HDP> + d] * inv_sum;
+    act_t* out_row = out + (static_cast<size_t>(b) * T + t) * C + h * hd;  // (hd)
+    for (int d = lane; d < hd; d += 32)
+      act_store(out_row, d, o_w[r * kHeadStrideF32<HDP> + d] * inv_sum);
     if (lane == 0) lse[static_cast<size_t>(bh) * T + t] = row_max[wr + r] + logf(row_sum[wr + r]);
   }
 }
 
 // delta (B,NH,T) = rowsum(out * dout) per head: one warp per (b, h, t).
-__global__ void attention_delta_kernel(float* delta, const float* out,  // (B,T,C)
-                                       const float* dout,                // (B,T,C)
+__global__ void attention_delta_kernel(float* delta, const act_t* out,  // (B,T,C)
+                                       const act_t* dout,                // (B,T,C)
                                        int B, int T, int C, int NH) {
   const size_t row = static_cast<size_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -250,28 +256,28 @@ __global__ void attention_delta_kernel(float* delta, const float* out,  // (B,T,
   const int h = static_cast<int>(bh % NH), b = static_cast<int>(bh / NH);
   const size_t base = (static_cast<size_t>(b) * T + t) * C + h * hd;
   float sum = 0.0f;
-  for (int d = lane; d < hd; d += 32) sum += out[base + d] * dout[base + d];
+  for (int d = lane; d < hd; d += 32) sum += act_load(out, base + d) * act_load(dout, base + d);
   sum = cuda::warp_sum(sum);
   if (lane == 0) delta[row] = sum;
 }
 
-// dqkv (B,T,3C) columns base..base+hd of each row += factor * rows of this warp's (16, HDP+4)
-// staging tile, for keys/queries below T.
+// dqkv (B,T,3C) columns column..column+hd of each row += factor * rows of this warp's
+// (16, HDP+4) staging tile, for keys/queries below T. Each element has this one writer.
 template <int HDP>
-__device__ void add_staged_rows(float* dqkv, const float* stage_w, int row0, int T, int C,
+__device__ void add_staged_rows(act_t* dqkv, const float* stage_w, int row0, int T, int C,
                                 int b, int column, int hd, float factor) {
   const int lane = threadIdx.x % 32;
   for (int i = lane; i < 16 * hd; i += 32) {
     const int r = i / hd, d = i % hd;
     if (row0 + r < T)
-      dqkv[(static_cast<size_t>(b) * T + row0 + r) * 3 * C + column + d] +=
-          factor * stage_w[r * kHeadStrideF32<HDP> + d];
+      act_accumulate(dqkv, (static_cast<size_t>(b) * T + row0 + r) * 3 * C + column + d,
+                     factor * stage_w[r * kHeadStrideF32<HDP> + d]);
   }
 }
 
 template <int HDP>
 __global__ void __launch_bounds__(kFlashThreads)
-    flash_backward_kernel(float* dqkv,                 // (B,T,3C) += dk, dv
+    flash_backward_kernel(act_t* dqkv,                 // (B,T,3C) += dk, dv
                           float* dq,                   // (B,NH,T,HDP) += dS k (unscaled)
                           const __nv_bfloat16* q,      // (B,NH,T,HDP)
                           const __nv_bfloat16* k,      // (B,NH,T,HDP)
@@ -421,8 +427,8 @@ __global__ void __launch_bounds__(kFlashThreads)
   add_staged_rows<HDP>(dqkv, stage_w, k0 + wr, T, C, b, 2 * C + h * hd, hd, 1.0f);
 }
 
-// dqkv (B,T,3C) q columns += scale * dq (B,NH,T,HDP).
-__global__ void add_dq_kernel(float* dqkv, const float* dq, int B, int T, int C, int NH,
+// dqkv (B,T,3C) q columns += scale * dq (B,NH,T,HDP), one thread per element.
+__global__ void add_dq_kernel(act_t* dqkv, const float* dq, int B, int T, int C, int NH,
                               int hdp, float scale) {
   const int hd = C / NH;
   const size_t total = static_cast<size_t>(B) * T * C;
@@ -432,7 +438,8 @@ __global__ void add_dq_kernel(float* dqkv, const float* dq, int B, int T, int C,
     const size_t bt = i / C;
     const int t = static_cast<int>(bt % T), b = static_cast<int>(bt / T);
     const int h = c / hd, d = c % hd;
-    dqkv[bt * 3 * C + c] += scale * dq[((static_cast<size_t>(b) * NH + h) * T + t) * hdp + d];
+    act_accumulate(dqkv, bt * 3 * C + c,
+                   scale * dq[((static_cast<size_t>(b) * NH + h) * T + t) * hdp + d]);
   }
 }
 
@@ -468,7 +475,7 @@ dim3 flash_grid(int B, int T, int NH) {
 }
 
 template <int HDP>
-void launch_forward(float* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
+void launch_forward(act_t* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                     const __nv_bfloat16* v, int B, int T, int C, int NH, float scale) {
   constexpr size_t smem_bytes = kForwardSmem<HDP>;
   allow_shared_memory(flash_forward_kernel<HDP>, smem_bytes, "attention_forward");
@@ -478,7 +485,7 @@ void launch_forward(float* out, float* lse, const __nv_bfloat16* q, const __nv_b
 }
 
 template <int HDP>
-void launch_backward(float* dqkv, float* dq, const __nv_bfloat16* q, const __nv_bfloat16* k,
+void launch_backward(act_t* dqkv, float* dq, const __nv_bfloat16* q, const __nv_bfloat16* k,
                      const __nv_bfloat16* v, const __nv_bfloat16* dout, const float* lse,
                      const float* delta, int B, int T, int C, int NH, float scale) {
   constexpr size_t smem_bytes = kBackwardSmem<HDP>;
@@ -494,8 +501,8 @@ void CudaBackend::attention_forward(Act* out_act,        // (B,T,C)
                                     float* lse,          // (B,NH,T)
                                     const Act* qkv_act,  // (B,T,3C)
                                     int B, int T, int C, int NH) {
-  float* out = act_f32(out_act);
-  const float* qkv = act_f32(qkv_act);
+  act_t* out = act_ptr(out_act);
+  const act_t* qkv = act_ptr(qkv_act);
   if (B * T == 0) return;
   note_write(out);
   note_write(lse);
@@ -521,8 +528,8 @@ void CudaBackend::attention_backward(Act* dqkv_act,        // (B,T,3C) +=
                                      const Act* qkv_act,   // (B,T,3C)
                                      const float* lse,     // (B,NH,T)
                                      int B, int T, int C, int NH) {
-  float* dqkv = act_f32(dqkv_act);
-  const float *dout = act_f32(dout_act), *out = act_f32(out_act), *qkv = act_f32(qkv_act);
+  act_t* dqkv = act_ptr(dqkv_act);
+  const act_t *dout = act_ptr(dout_act), *out = act_ptr(out_act), *qkv = act_ptr(qkv_act);
   if (B * T == 0) return;
   note_write(dqkv);
   const int hd = C / NH, hdp = padded_head_dim(hd);

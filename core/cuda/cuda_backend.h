@@ -1,16 +1,19 @@
 // The CUDA backend: every op of core/backend.h on one GPU, one op family per .cu file.
 //
-// Precision: weights (the master copy), gradients, optimizer moments, the router and, in this
-// version, activations are stored in fp32: activation_type() is kF32, so every op views its
-// `Act` arguments as float (act_f32) and the copy_act_* ops are plain copies. GEMMs run
-// through cuBLASLt with bf16 operands and fp32 accumulation and output: an operand is
-// converted to bf16 by a fused kernel right before its GEMM, and a weight's bf16 copy is
-// cached (see bf16_weight) and refreshed by the fused AdamW kernel, so weights are converted
-// once per step, not once per use. The router's logits (router_logits.cu) and narrow linears
-// (OC <= kFp32MaxOutputs) run fully in fp32: DESIGN.md keeps the router in fp32, and they cost
-// nothing. The exception: the local experts' forward and dinp products are one
-// cublasGemmGroupedBatchedEx call with a bf16 output, widened to fp32 by a kernel
-// (grouped_gemm.h, grouped_linear.cu).
+// Precision: activations (every `Act` argument) are bf16 (act_t, core/cuda/act.cuh):
+// activation_type() is kBF16, kernels load them widened to fp32, compute in fp32 and round
+// once per stored element, and the copy_act_* ops round and widen on the host. Weights (the
+// master copy), gradients, optimizer moments, the router and the losses stay fp32. GEMMs run
+// through cuBLASLt with bf16 operands and fp32 accumulation: activations are operands as they
+// are, and a weight's bf16 copy is cached (see bf16_weight) and refreshed by the fused AdamW
+// kernel, so weights are converted once per step, not once per use. A product that is an
+// activation (a linear's output, dinp, the GELU's pre and dpre) is stored bf16 by cuBLASLt,
+// with its bias in the epilogue as the bias's cached bf16 copy (cuBLASLt's bias has the
+// output's type); weight gradients accumulate in fp32 (dW += from bf16 operands). The router's
+// logits (router_logits.cu) run fully in fp32 from a widened copy of their bf16 input:
+// DESIGN.md keeps the router in fp32, and it costs nothing. The local experts' forward and
+// dinp products are one cublasGemmGroupedBatchedEx call with a bf16 output (grouped_gemm.h,
+// grouped_linear.cu).
 //
 // Streams: every op runs in order on the legacy default stream, so ops need no events between
 // them; the NCCL communicator (dist/nccl_communicator.cpp) orders its own stream against it.
@@ -30,6 +33,7 @@
 #include <vector>
 
 #include "core/backend.h"
+#include "core/cuda/act.cuh"
 #include "core/cuda/grouped_gemm.h"
 #include "core/cuda_gemm_rate.h"
 #include "core/error.h"
@@ -52,9 +56,6 @@ inline int grid_for(size_t n, int threads = kThreads) {
   return static_cast<int>(blocks < 65535 * 4 ? (blocks == 0 ? 1 : blocks) : 65535 * 4);
 }
 
-// Linears with at most this many outputs run in fp32 (they cost nothing), the rest in bf16.
-constexpr int kFp32MaxOutputs = 128;
-
 // What cuBLASLt does to a product before storing it (beyond alpha, beta):
 //   kBias     + bias per column when bias != nullptr (CUBLASLT_EPILOGUE_BIAS), else nothing
 //   kGeluAux  aux = product (+ bias); C = gelu(aux)         (GELU_AUX[_BIAS], the forward)
@@ -65,7 +66,8 @@ enum class GemmEpilogue { kBias, kGeluAux, kDGelu };
 //   C (m,n) = alpha * op(A) (m,k) * op(B) (k,n) + beta * C  [+ bias (m) per column]
 // A is stored (k,m) when trans_a else (m,k), column-major with leading dimension lda; B is
 // stored (n,k) when trans_b else (k,n). Batched with strides when batch > 1. A and B are bf16
-// (fp32 when fp32 is set); C is always fp32; accumulation is fp32.
+// (fp32 when fp32 is set: the router); C is bf16 when c_bf16 (an activation), else fp32 (a
+// weight gradient, the router's products); accumulation is fp32.
 struct GemmCall {
   bool trans_a = false, trans_b = false;
   int m = 0, n = 0, k = 0;
@@ -75,15 +77,18 @@ struct GemmCall {
   const void* b = nullptr;
   int ldb = 0;
   long long stride_b = 0;
-  float* c = nullptr;
+  void* c = nullptr;            // act_t when c_bf16, else float
+  bool c_bf16 = false;          // C is bf16 (needs bf16 operands)
   int ldc = 0;
   long long stride_c = 0;
   int batch = 1;
   float alpha = 1.0f, beta = 0.0f;
-  const float* bias = nullptr;  // (m) added to every column; nullptr: none
+  // (m) added to every column; nullptr: none. The fp32 weight: with a bf16 C the epilogue
+  // takes its cached bf16 copy (bf16_weight), since cuBLASLt's bias has the output's type.
+  const float* bias = nullptr;
   bool fp32 = false;            // operands are fp32 (router): no bf16 anywhere
   GemmEpilogue epilogue = GemmEpilogue::kBias;
-  float* aux = nullptr;         // (m,n) column-major, ld ldaux: GELU's input (GELU epilogues)
+  void* aux = nullptr;          // (m,n) column-major, ld ldaux, C's type: GELU's input
   int ldaux = 0;                // a multiple of 8 (cuBLASLt's rule)
 };
 
@@ -151,8 +156,10 @@ class CudaBackend final : public Backend {
   enum Slot {
     kBf16Inp, kBf16Dout, kBf16Q, kBf16K, kBf16V, kF32Dq, kF32Delta,
     kIndexA, kIndexB, kHostVector, kReduce, kCapacityOrder,
-    kBf16Product,     // the grouped expert GEMM's bf16 output (grouped_linear.cu)
+    kBf16Product,     // the grouped expert dinp GEMM's bf16 output (grouped_linear.cu)
     kGroupedPointers, // its device arrays of A, B and C pointers
+    kF32RouterInp,    // the router's input widened to fp32 (router_logits.cu)
+    kF32RouterDinp,   // the router's fp32 dinp product, before it is added (router_logits.cu)
     kNumSlots
   };
   void* scratch(Slot slot, size_t bytes);
@@ -161,8 +168,10 @@ class CudaBackend final : public Backend {
   // Copies `bytes` host bytes into a scratch slot, stream-ordered and without synchronizing
   // (through pinned staging, memory.cu); the host bytes may be reused on return.
   const void* upload_bytes(Slot slot, const void* host, size_t bytes);
-  // The bf16 copy of n floats (an activation): converted now into the slot.
+  // The bf16 copy of n floats: converted now into the slot (gemm_rate.cu's random operand).
   const __nv_bfloat16* to_bf16(Slot slot, const float* x, size_t n);
+  // The fp32 copy of n activations: widened now into the slot (convert.cu).
+  const float* to_f32(Slot slot, const act_t* x, size_t n);
   // The bf16 copy of a weight: the whole allocation holding it is converted on first use and
   // kept until a write to that allocation (any op's output, a copy, fill, load) invalidates
   // it; adamw_update refreshes it in the same kernel instead. Memory written outside this
@@ -175,21 +184,21 @@ class CudaBackend final : public Backend {
   // Throws when cuBLASLt has no algorithm even without the bias.
   void gemm(const GemmCall& call);
   // The product exactly as asked (any epilogue); false, with nothing done, when cuBLASLt has
-  // no algorithm for it (the answer is cached per shape), so the caller takes its fallback.
+  // no algorithm for it (the answer is cached per shape) or the epilogue's bias is not 16-byte
+  // aligned (a pointer inside the flat parameter buffer may be less), so the caller takes its
+  // fallback.
   bool try_gemm(const GemmCall& call);
   // The calls of linear_forward (out (N,OC) = inp @ W^T + bias) and of linear_backward's input
   // gradient (dinp (N,IC) += dout @ W), shared with the fused linear + GELU (linear_gelu.cu).
-  GemmCall linear_forward_call(float* out, const float* inp, const float* weight,
+  GemmCall linear_forward_call(act_t* out, const act_t* inp, const float* weight,
                                const float* bias, int N, int IC, int OC);
-  GemmCall linear_dinp_call(float* dinp, const void* dout_operand, const float* weight, int N,
-                            int IC, int OC);
-  // dout as linear_backward's GEMMs read it: itself (fp32, narrow layers) or its bf16 copy.
-  const void* linear_dout_operand(const float* dout, int N, int OC);
-  // linear_backward's dweight (+=) and dbias (+=, may be nullptr), from dout and its operand.
-  void linear_weight_gradients(float* dweight, float* dbias, const float* dout,
-                               const void* dout_operand, const float* inp, int N, int IC, int OC);
-  // dbias (OC) += column sums of dout (N,OC).
-  void add_column_sums(float* dbias, const float* dout, int N, int OC);
+  GemmCall linear_dinp_call(act_t* dinp, const act_t* dout, const float* weight, int N, int IC,
+                            int OC);
+  // linear_backward's dweight (+=, fp32) and dbias (+=, may be nullptr).
+  void linear_weight_gradients(float* dweight, float* dbias, const act_t* dout, const act_t* inp,
+                               int N, int IC, int OC);
+  // dbias (OC) += column sums of dout (N,OC), summed in fp32.
+  void add_column_sums(float* dbias, const act_t* dout, int N, int OC);
 
  private:
   struct Allocation {
@@ -198,16 +207,16 @@ class CudaBackend final : public Backend {
     bool shadow_valid = false;
   };
   // The local experts' forward (transpose_weight: rows_e W_e^T, rows (rows,IC)) or dinp
-  // (rows_e W_e, rows (rows,OC)) products as one grouped call into a bf16 scratch product
-  // (rows, OC or IC) from offsets[0]; nullptr when the grouped call is off or was refused, and
-  // the caller runs one cuBLASLt product per expert (grouped_linear.cu).
-  const __nv_bfloat16* grouped_expert_products(bool transpose_weight,
-                                               const __nv_bfloat16* w_bf16,
-                                               const __nv_bfloat16* rows_bf16,
-                                               const int* offsets_host, int E, int IC, int OC);
+  // (rows_e W_e, rows (rows,OC)) products as one grouped call, written (beta 0) into product
+  // (rows, OC or IC) from offsets[0] (every row of it: each belongs to one expert); false when
+  // the grouped call is off or was refused, and the caller runs one cuBLASLt product per
+  // expert (grouped_linear.cu).
+  bool grouped_expert_products(bool transpose_weight, const __nv_bfloat16* w_bf16,
+                               const act_t* rows, act_t* product, const int* offsets_host, int E,
+                               int IC, int OC);
   // grouped_linear_forward (gelu_out == nullptr) and grouped_linear_gelu_forward (out is
   // then the GELU's input, pre), offsets already checked (grouped_linear.cu).
-  void expert_forward(float* out, float* gelu_out, const float* inp, const float* weight,
+  void expert_forward(act_t* out, act_t* gelu_out, const act_t* inp, const float* weight,
                       const float* bias, const int* offsets_host, int E, int IC, int OC);
   // The allocation holding ptr, or nullptr.
   Allocation* find_allocation(const void* ptr, uintptr_t* base = nullptr);
@@ -239,12 +248,21 @@ class CudaBackend final : public Backend {
   bool warned_gelu_epilogue_ = false;  // the one line when cuBLASLt refused it at run time
 };
 
-// dpre (n) *= gelu'(pre (n)) on the default stream: the unfused GELU backward after a
-// product wrote dpre (linear_gelu.cu).
-void launch_scale_by_gelu_derivative(float* dpre, const float* pre, size_t n);
+// dpre (n) *= gelu'(pre (n)) on the default stream, in fp32, rounded once: the unfused GELU
+// backward after a product wrote dpre (linear_gelu.cu).
+void launch_scale_by_gelu_derivative(act_t* dpre, const act_t* pre, size_t n);
 
-// Elementwise fp32 -> bf16 on the default stream: out (n) = bf16(inp (n)).
+// dst[dest_host[j]] += scale[j] * src[j / src_div] for every j in [0, m) with dest_host[j] >= 0
+// (scale nullptr: 1), the sources of each destination row summed in fp32 and added once: the
+// scatter with repeated destinations of scatter_add_rows and combine_backward (permute.cu).
+// dst and src rows are D wide; dest_host on the host, scale on the device.
+void scatter_add_by_destination(CudaBackend& backend, act_t* dst, const act_t* src, int src_div,
+                                const float* scale, const int* dest_host, int m, int D);
+
+// Elementwise fp32 -> bf16 on the default stream: out (n) = bf16(inp (n)) (convert.cu).
 void launch_to_bf16(__nv_bfloat16* out, const float* inp, size_t n);
+// Elementwise bf16 -> fp32 on the default stream: out (n) = float(inp (n)), exact (convert.cu).
+void launch_to_f32(float* out, const act_t* inp, size_t n);
 
 // The bf16 GEMM rate of the current device through CudaBackend::gemm (gemm_rate.cu).
 GemmRate measure_gemm_rate(int m, int n, int k, int reps);

@@ -1,26 +1,72 @@
-// Elementwise ops over flat fp32 buffers (memory-bound, grid-stride loops; activations are
-// fp32 here), and the two reductions whose result the interface returns on the host (one
-// device-to-host copy each).
+// Elementwise ops (memory-bound, grid-stride loops): add, accumulate and mul over bf16
+// activations, computed in fp32 and rounded once per stored element, 16 bytes per thread where
+// the pointers allow it; scale and the two reductions whose result the interface returns on
+// the host (one device-to-host copy each) over fp32 gradients.
+#include "core/cuda/act.cuh"
 #include "core/cuda/cuda_backend.h"
 #include "core/cuda/device_math.cuh"
 
 namespace moe {
 namespace {
 
+using cuda::kActVec;
+
 #define GRID_STRIDE(i, n)                                                                    \
   for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n);       \
        i += static_cast<size_t>(gridDim.x) * blockDim.x)
 
-__global__ void add_kernel(float* out, const float* a, const float* b, size_t n) {
-  GRID_STRIDE(i, n) out[i] = a[i] + b[i];
+__global__ void add_kernel(act_t* out,      // (n)
+                           const act_t* a,  // (n)
+                           const act_t* b,  // (n)
+                           size_t n, size_t num_vec) {
+  GRID_STRIDE(v, num_vec) {
+    float x[kActVec], y[kActVec];
+    cuda::act_load_vec(x, a, v);
+    cuda::act_load_vec(y, b, v);
+    for (int k = 0; k < kActVec; ++k) x[k] += y[k];
+    cuda::act_store_vec(out, v, x);
+  }
+  GRID_STRIDE(j, n - num_vec * kActVec) {
+    const size_t i = num_vec * kActVec + j;
+    act_store(out, i, act_load(a, i) + act_load(b, i));
+  }
 }
-__global__ void accumulate_kernel(float* dst, const float* src, size_t n) {
-  GRID_STRIDE(i, n) dst[i] += src[i];
+
+__global__ void accumulate_kernel(act_t* dst,        // (n) +=
+                                  const act_t* src,  // (n)
+                                  size_t n, size_t num_vec) {
+  GRID_STRIDE(v, num_vec) {
+    float x[kActVec], y[kActVec];
+    cuda::act_load_vec(x, dst, v);
+    cuda::act_load_vec(y, src, v);
+    for (int k = 0; k < kActVec; ++k) x[k] += y[k];
+    cuda::act_store_vec(dst, v, x);
+  }
+  GRID_STRIDE(j, n - num_vec * kActVec) {
+    const size_t i = num_vec * kActVec + j;
+    act_accumulate(dst, i, act_load(src, i));
+  }
 }
+
+// out may alias a: every element is read before it is written, by the same thread.
+__global__ void mul_kernel(act_t* out,            // (n)
+                           const act_t* a,        // (n)
+                           const float* factors,  // (n)
+                           size_t n, size_t num_vec) {
+  GRID_STRIDE(v, num_vec) {
+    float x[kActVec], f[kActVec];
+    cuda::act_load_vec(x, a, v);
+    cuda::f32_load_vec(f, factors, v);
+    for (int k = 0; k < kActVec; ++k) x[k] *= f[k];
+    cuda::act_store_vec(out, v, x);
+  }
+  GRID_STRIDE(j, n - num_vec * kActVec) {
+    const size_t i = num_vec * kActVec + j;
+    act_store(out, i, act_load(a, i) * factors[i]);
+  }
+}
+
 __global__ void scale_kernel(float* x, float s, size_t n) { GRID_STRIDE(i, n) x[i] *= s; }
-__global__ void mul_kernel(float* out, const float* a, const float* factors, size_t n) {
-  GRID_STRIDE(i, n) out[i] = a[i] * factors[i];
-}
 
 // total += sum of x^2 over this block's elements, in double.
 __global__ void sum_squares_kernel(double* total, const float* x, size_t n) {
@@ -44,22 +90,24 @@ void CudaBackend::add(Act* out_act,      // (n)
                       const Act* a_act,  // (n)
                       const Act* b_act,  // (n)
                       size_t n) {
-  float* out = act_f32(out_act);
-  const float *a = act_f32(a_act), *b = act_f32(b_act);
+  act_t* out = act_ptr(out_act);
+  const act_t *a = act_ptr(a_act), *b = act_ptr(b_act);
   if (n == 0) return;
   note_write(out);
-  add_kernel<<<grid_for(n), kThreads>>>(out, a, b, n);
+  const size_t num_vec = cuda::vec_count(n, {out, a, b});
+  add_kernel<<<grid_for(num_vec > 0 ? num_vec : n), kThreads>>>(out, a, b, n, num_vec);
   CUDA_CHECK_LAUNCH();
 }
 
 void CudaBackend::accumulate(Act* dst_act,        // (n) +=
                              const Act* src_act,  // (n)
                              size_t n) {
-  float* dst = act_f32(dst_act);
-  const float* src = act_f32(src_act);
+  act_t* dst = act_ptr(dst_act);
+  const act_t* src = act_ptr(src_act);
   if (n == 0) return;
   note_write(dst);
-  accumulate_kernel<<<grid_for(n), kThreads>>>(dst, src, n);
+  const size_t num_vec = cuda::vec_count(n, {dst, src});
+  accumulate_kernel<<<grid_for(num_vec > 0 ? num_vec : n), kThreads>>>(dst, src, n, num_vec);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -74,11 +122,12 @@ void CudaBackend::mul(Act* out_act,          // (n) may alias a
                       const Act* a_act,      // (n)
                       const float* factors,  // (n)
                       size_t n) {
-  float* out = act_f32(out_act);
-  const float* a = act_f32(a_act);
+  act_t* out = act_ptr(out_act);
+  const act_t* a = act_ptr(a_act);
   if (n == 0) return;
   note_write(out);
-  mul_kernel<<<grid_for(n), kThreads>>>(out, a, factors, n);
+  const size_t num_vec = cuda::vec_count(n, {out, a, factors});
+  mul_kernel<<<grid_for(num_vec > 0 ? num_vec : n), kThreads>>>(out, a, factors, n, num_vec);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -1,5 +1,7 @@
 // The bf16 GEMM rate of this GPU through the backend's own cuBLASLt path (bench_step's MFU
-// denominator): random inputs (never zeros, which run faster), warm-up, CUDA events.
+// denominator): random inputs (never zeros, which run faster), warm-up, CUDA events. bf16
+// operands, fp32 accumulation and a bf16 output: the linear forward's product, as the model
+// runs it.
 #include <algorithm>
 #include <vector>
 
@@ -29,7 +31,8 @@ GemmRate measure_gemm_rate(int m, int n, int k, int reps) {
   const size_t a_size = static_cast<size_t>(m) * k, b_size = static_cast<size_t>(n) * k;
   auto* a = static_cast<float*>(backend.alloc_bytes(a_size * sizeof(float)));  // (m,k)
   auto* b = static_cast<float*>(backend.alloc_bytes(b_size * sizeof(float)));  // (n,k) weight
-  auto* c = static_cast<float*>(backend.alloc_bytes(static_cast<size_t>(m) * n * sizeof(float)));
+  auto* c = static_cast<act_t*>(
+      backend.alloc_bytes(static_cast<size_t>(m) * n * sizeof(act_t)));  // (m,n)
   fill_random_kernel<<<grid_for(a_size), kThreads>>>(a, a_size, 1u);
   CUDA_CHECK_LAUNCH();
   fill_random_kernel<<<grid_for(b_size), kThreads>>>(b, b_size, 2u);
@@ -47,6 +50,7 @@ GemmRate measure_gemm_rate(int m, int n, int k, int reps) {
   g.b = a_bf16;
   g.ldb = k;
   g.c = c;
+  g.c_bf16 = true;
   g.ldc = n;
   for (int i = 0; i < 3; ++i) backend.gemm(g);
   cudaEvent_t start, stop;

@@ -55,7 +55,8 @@ bool GroupedGemm::ensure_handle(int device) {
   // Stream 0, the legacy default stream: ordered with every other op of the backend.
   status = cublasSetStream(handle, 0);
   // With a bf16 output cuBLAS may otherwise reduce split-k partial sums in bf16: keep every
-  // reduction in the fp32 compute type, as the cuBLASLt products do.
+  // reduction in the fp32 compute type, as the cuBLASLt products do (gemm.cu's reduction
+  // scheme mask).
   if (status == CUBLAS_STATUS_SUCCESS)
     status = cublasSetMathMode(handle, static_cast<cublasMath_t>(
                                            CUBLAS_DEFAULT_MATH |
@@ -125,8 +126,9 @@ bool GroupedGemm::run(int device, bool trans_a, bool trans_b,
   const cublasStatus_t status = CUBLAS_STATUS_NOT_SUPPORTED;
 #endif
   if (status != CUBLAS_STATUS_SUCCESS) {
-    // Whatever cuBLAS did, it wrote only the C matrices (the caller's scratch), and the
-    // caller's loop computes every product again from the operands.
+    // Whatever cuBLAS did, it wrote only the C matrices (the caller's scratch, or an output
+    // its loop then writes in full, beta 0), and the caller's loop computes every product
+    // again from the operands.
     refuse(cublasGetStatusName(status));
     return false;
   }

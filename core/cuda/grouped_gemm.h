@@ -1,7 +1,8 @@
 // The local experts' products as one cublasGemmGroupedBatchedEx call (cuBLAS, not cuBLASLt):
 // one group of size 1 per non-empty expert, each with its own m, n, k. Operands and output are
 // bf16 with fp32 accumulation (CUBLAS_COMPUTE_32F), the combination NVIDIA documents for this
-// call; the callers (grouped_linear.cu) turn the bf16 output into the interface's fp32.
+// call, and bf16 is the activations' type: the callers (grouped_linear.cu) pass the experts'
+// rows as they are and write the product into an activation (or a scratch they add from).
 //
 // Whether the call is used: not under MOE_GROUPED_GEMM=0 (read when the backend is created,
 // so a test compares both paths with two backends); not after cuBLAS refused it once

@@ -1,7 +1,10 @@
 // LayerNorm over the last dim, eps 1e-5: one warp per row for the per-row work; dweight and
 // dbias (sums over rows) by column blocks, partial sums over row chunks added with atomics.
+// Activations (inp, out, dout, dinp) are bf16, widened on load; the statistics, the sums and
+// the parameters and their gradients are fp32, and every stored activation is rounded once.
 #include <algorithm>
 
+#include "core/cuda/act.cuh"
 #include "core/cuda/cuda_backend.h"
 #include "core/cuda/device_math.cuh"
 
@@ -12,25 +15,29 @@ constexpr float kEps = 1e-5f;
 constexpr int kRowsPerBlock = kThreads / 32;  // one warp per row
 constexpr int kRowChunk = 256;                // rows per block of the column sums
 
-__global__ void layernorm_forward_kernel(float* out,           // (N,C)
+__global__ void layernorm_forward_kernel(act_t* out,           // (N,C)
                                          float* mean,          // (N)
                                          float* rstd,          // (N)
-                                         const float* inp,     // (N,C)
+                                         const act_t* inp,     // (N,C)
                                          const float* weight,  // (C)
                                          const float* bias,    // (C)
                                          int N, int C) {
   const int n = blockIdx.x * kRowsPerBlock + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (n >= N) return;
-  const float* x = inp + static_cast<size_t>(n) * C;  // (C)
-  float* y = out + static_cast<size_t>(n) * C;        // (C)
+  const act_t* x = inp + static_cast<size_t>(n) * C;  // (C)
+  act_t* y = out + static_cast<size_t>(n) * C;        // (C)
   float sum = 0.0f;
-  for (int c = lane; c < C; c += 32) sum += x[c];
+  for (int c = lane; c < C; c += 32) sum += act_load(x, c);
   const float m = cuda::warp_sum(sum) / C;
   // Two passes (mean, then the variance about it), as the CPU backend does.
   float sum_sq = 0.0f;
-  for (int c = lane; c < C; c += 32) sum_sq += (x[c] - m) * (x[c] - m);
+  for (int c = lane; c < C; c += 32) {
+    const float d = act_load(x, c) - m;
+    sum_sq += d * d;
+  }
   const float s = rsqrtf(cuda::warp_sum(sum_sq) / C + kEps);
-  for (int c = lane; c < C; c += 32) y[c] = (x[c] - m) * s * weight[c] + bias[c];
+  for (int c = lane; c < C; c += 32)
+    act_store(y, c, (act_load(x, c) - m) * s * weight[c] + bias[c]);
   if (lane == 0) {
     mean[n] = m;
     rstd[n] = s;
@@ -38,38 +45,38 @@ __global__ void layernorm_forward_kernel(float* out,           // (N,C)
 }
 
 // dinp += rstd * (g - mean(g) - xhat * mean(g * xhat)), g = weight * dout.
-__global__ void layernorm_backward_input_kernel(float* dinp,          // (N,C) +=
-                                                const float* dout,    // (N,C)
-                                                const float* inp,     // (N,C)
+__global__ void layernorm_backward_input_kernel(act_t* dinp,          // (N,C) +=
+                                                const act_t* dout,    // (N,C)
+                                                const act_t* inp,     // (N,C)
                                                 const float* weight,  // (C)
                                                 const float* mean,    // (N)
                                                 const float* rstd,    // (N)
                                                 int N, int C) {
   const int n = blockIdx.x * kRowsPerBlock + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (n >= N) return;
-  const float* dy = dout + static_cast<size_t>(n) * C;  // (C)
-  const float* x = inp + static_cast<size_t>(n) * C;    // (C)
-  float* dx = dinp + static_cast<size_t>(n) * C;        // (C)
+  const act_t* dy = dout + static_cast<size_t>(n) * C;  // (C)
+  const act_t* x = inp + static_cast<size_t>(n) * C;    // (C)
+  act_t* dx = dinp + static_cast<size_t>(n) * C;        // (C)
   const float m = mean[n], s = rstd[n];
   float g_sum = 0.0f, g_xhat_sum = 0.0f;
   for (int c = lane; c < C; c += 32) {
-    const float g = weight[c] * dy[c];
+    const float g = weight[c] * act_load(dy, c);
     g_sum += g;
-    g_xhat_sum += g * (x[c] - m) * s;
+    g_xhat_sum += g * (act_load(x, c) - m) * s;
   }
   const float g_mean = cuda::warp_sum(g_sum) / C;
   const float g_xhat_mean = cuda::warp_sum(g_xhat_sum) / C;
   for (int c = lane; c < C; c += 32) {
-    const float xhat = (x[c] - m) * s;
-    dx[c] += s * (weight[c] * dy[c] - g_mean - xhat * g_xhat_mean);
+    const float xhat = (act_load(x, c) - m) * s;
+    act_accumulate(dx, c, s * (weight[c] * act_load(dy, c) - g_mean - xhat * g_xhat_mean));
   }
 }
 
 // block (32, 8): x is the column within a 32-wide block, y strides the chunk's rows.
 __global__ void layernorm_backward_params_kernel(float* dweight,       // (C) +=
                                                  float* dbias,         // (C) +=
-                                                 const float* dout,    // (N,C)
-                                                 const float* inp,     // (N,C)
+                                                 const act_t* dout,    // (N,C)
+                                                 const act_t* inp,     // (N,C)
                                                  const float* mean,    // (N)
                                                  const float* rstd,    // (N)
                                                  int N, int C) {
@@ -82,8 +89,8 @@ __global__ void layernorm_backward_params_kernel(float* dweight,       // (C) +=
     for (int n0 = blockIdx.y * kRowChunk; n0 < N; n0 += gridDim.y * kRowChunk) {
       const int n1 = min(N, n0 + kRowChunk);
       for (int n = n0 + threadIdx.y; n < n1; n += blockDim.y) {
-        const float dy = dout[static_cast<size_t>(n) * C + c];
-        dw += dy * (inp[static_cast<size_t>(n) * C + c] - mean[n]) * rstd[n];
+        const float dy = act_load(dout, static_cast<size_t>(n) * C + c);
+        dw += dy * (act_load(inp, static_cast<size_t>(n) * C + c) - mean[n]) * rstd[n];
         db += dy;
       }
     }
@@ -110,8 +117,8 @@ void CudaBackend::layernorm_forward(Act* out_act,         // (N,C)
                                     const float* weight,  // (C)
                                     const float* bias,    // (C)
                                     int N, int C) {
-  float* out = act_f32(out_act);
-  const float* inp = act_f32(inp_act);
+  act_t* out = act_ptr(out_act);
+  const act_t* inp = act_ptr(inp_act);
   if (N == 0) return;
   note_write(out);
   note_write(mean);
@@ -130,8 +137,8 @@ void CudaBackend::layernorm_backward(Act* dinp_act,        // (N,C) +=
                                      const float* mean,    // (N)
                                      const float* rstd,    // (N)
                                      int N, int C) {
-  float* dinp = act_f32(dinp_act);
-  const float *dout = act_f32(dout_act), *inp = act_f32(inp_act);
+  act_t* dinp = act_ptr(dinp_act);
+  const act_t *dout = act_ptr(dout_act), *inp = act_ptr(inp_act);
   if (N == 0) return;
   note_write(dinp);
   note_write(dweight);

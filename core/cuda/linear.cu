@@ -1,8 +1,7 @@
 // Linear layer: out = inp @ weight^T + bias through cuBLASLt (bf16 operands, fp32 accumulate,
-// the bias in the GEMM's epilogue). Row-major (N,OC) = (N,IC) @ (OC,IC)^T is, in cuBLAS's
-// column-major terms, out^T (OC,N) = W (OC,IC) * inp^T (IC,N): A = W transposed, B = inp.
-// Narrow outputs (OC <= kFp32MaxOutputs) run in fp32 throughout, as the router's logits do
-// (router_logits.cu).
+// bf16 output, the bias in the GEMM's epilogue). Row-major (N,OC) = (N,IC) @ (OC,IC)^T is, in
+// cuBLAS's column-major terms, out^T (OC,N) = W (OC,IC) * inp^T (IC,N): A = W transposed,
+// B = inp. The activations are the operands as they are; the weight gradients are fp32.
 #include "core/cuda/cuda_backend.h"
 
 namespace moe {
@@ -12,14 +11,15 @@ constexpr int kRowChunk = 256;  // rows per block of the column sums
 
 // block (32, 8): x is the column within a 32-wide block, y strides the chunk's rows.
 __global__ void column_sums_kernel(float* sums,       // (OC) +=
-                                   const float* x,    // (N,OC)
+                                   const act_t* x,    // (N,OC)
                                    int N, int OC) {
   __shared__ float part[8][33];  // (8, 32) padded against bank conflicts
   const int c = blockIdx.x * 32 + threadIdx.x;
   const int n0 = blockIdx.y * kRowChunk, n1 = min(N, n0 + kRowChunk);
   float sum = 0.0f;
   if (c < OC)
-    for (int n = n0 + threadIdx.y; n < n1; n += blockDim.y) sum += x[static_cast<size_t>(n) * OC + c];
+    for (int n = n0 + threadIdx.y; n < n1; n += blockDim.y)
+      sum += act_load(x, static_cast<size_t>(n) * OC + c);
   part[threadIdx.y][threadIdx.x] = sum;
   __syncthreads();
   if (threadIdx.y == 0 && c < OC) {
@@ -30,7 +30,7 @@ __global__ void column_sums_kernel(float* sums,       // (OC) +=
 
 }  // namespace
 
-void CudaBackend::add_column_sums(float* dbias, const float* dout, int N, int OC) {
+void CudaBackend::add_column_sums(float* dbias, const act_t* dout, int N, int OC) {
   if (N == 0 || OC == 0) return;
   note_write(dbias);
   const dim3 grid((OC + 31) / 32, (N + kRowChunk - 1) / kRowChunk), block(32, 8);
@@ -38,45 +38,42 @@ void CudaBackend::add_column_sums(float* dbias, const float* dout, int N, int OC
   CUDA_CHECK_LAUNCH();
 }
 
-GemmCall CudaBackend::linear_forward_call(float* out,           // (N,OC)
-                                          const float* inp,     // (N,IC)
+GemmCall CudaBackend::linear_forward_call(act_t* out,           // (N,OC)
+                                          const act_t* inp,     // (N,IC)
                                           const float* weight,  // (OC,IC)
                                           const float* bias,    // (OC) or nullptr
                                           int N, int IC, int OC) {
   GemmCall g;
-  g.fp32 = OC <= kFp32MaxOutputs;
   g.trans_a = true;
   g.m = OC;
   g.n = N;
   g.k = IC;
-  g.a = g.fp32 ? static_cast<const void*>(weight)
-               : bf16_weight(weight, static_cast<size_t>(OC) * IC);
+  g.a = bf16_weight(weight, static_cast<size_t>(OC) * IC);
   g.lda = IC;
-  g.b = g.fp32 ? static_cast<const void*>(inp) : to_bf16(kBf16Inp, inp, static_cast<size_t>(N) * IC);
+  g.b = inp;
   g.ldb = IC;
   g.c = out;
+  g.c_bf16 = true;
   g.ldc = OC;
   g.bias = bias;
   return g;
 }
 
 // dinp (N,IC) += dout (N,OC) @ W (OC,IC):  dinp^T (IC,N) = W^T (IC,OC) * dout^T (OC,N).
-// dout_operand is dout as the GEMM reads it: fp32 for narrow layers, else its bf16 copy.
-GemmCall CudaBackend::linear_dinp_call(float* dinp,                // (N,IC)
-                                       const void* dout_operand,   // (N,OC)
-                                       const float* weight,        // (OC,IC)
+GemmCall CudaBackend::linear_dinp_call(act_t* dinp,          // (N,IC)
+                                       const act_t* dout,    // (N,OC)
+                                       const float* weight,  // (OC,IC)
                                        int N, int IC, int OC) {
   GemmCall g;
-  g.fp32 = OC <= kFp32MaxOutputs;
   g.m = IC;
   g.n = N;
   g.k = OC;
-  g.a = g.fp32 ? static_cast<const void*>(weight)
-               : bf16_weight(weight, static_cast<size_t>(OC) * IC);
+  g.a = bf16_weight(weight, static_cast<size_t>(OC) * IC);
   g.lda = IC;
-  g.b = dout_operand;
+  g.b = dout;
   g.ldb = OC;
   g.c = dinp;
+  g.c_bf16 = true;
   g.ldc = IC;
   g.beta = 1.0f;
   return g;
@@ -87,10 +84,8 @@ void CudaBackend::linear_forward(Act* out_act,         // (N,OC)
                                  const float* weight,  // (OC,IC)
                                  const float* bias,    // (OC) or nullptr
                                  int N, int IC, int OC) {
-  float* out = act_f32(out_act);
-  const float* inp = act_f32(inp_act);
   if (N == 0 || OC == 0) return;
-  gemm(linear_forward_call(out, inp, weight, bias, N, IC, OC));
+  gemm(linear_forward_call(act_ptr(out_act), act_ptr(inp_act), weight, bias, N, IC, OC));
 }
 
 void CudaBackend::linear_backward(Act* dinp_act,        // (N,IC)  += or nullptr
@@ -100,36 +95,28 @@ void CudaBackend::linear_backward(Act* dinp_act,        // (N,IC)  += or nullptr
                                   const Act* inp_act,   // (N,IC)
                                   const float* weight,  // (OC,IC)
                                   int N, int IC, int OC) {
-  float* dinp = act_f32(dinp_act);
-  const float *dout = act_f32(dout_act), *inp = act_f32(inp_act);
+  act_t* dinp = act_ptr(dinp_act);
+  const act_t *dout = act_ptr(dout_act), *inp = act_ptr(inp_act);
   if (N == 0 || OC == 0 || IC == 0) return;
-  const void* dout_op = linear_dout_operand(dout, N, OC);  // (N,OC)
-  if (dinp != nullptr) gemm(linear_dinp_call(dinp, dout_op, weight, N, IC, OC));
-  linear_weight_gradients(dweight, dbias, dout, dout_op, inp, N, IC, OC);
+  if (dinp != nullptr) gemm(linear_dinp_call(dinp, dout, weight, N, IC, OC));
+  linear_weight_gradients(dweight, dbias, dout, inp, N, IC, OC);
 }
 
-const void* CudaBackend::linear_dout_operand(const float* dout, int N, int OC) {
-  if (OC <= kFp32MaxOutputs) return dout;
-  return to_bf16(kBf16Dout, dout, static_cast<size_t>(N) * OC);
-}
-
-void CudaBackend::linear_weight_gradients(float* dweight,            // (OC,IC) +=
-                                          float* dbias,              // (OC)    += or nullptr
-                                          const float* dout,         // (N,OC)
-                                          const void* dout_operand,  // (N,OC)
-                                          const float* inp,          // (N,IC)
+void CudaBackend::linear_weight_gradients(float* dweight,     // (OC,IC) +=
+                                          float* dbias,       // (OC)    += or nullptr
+                                          const act_t* dout,  // (N,OC)
+                                          const act_t* inp,   // (N,IC)
                                           int N, int IC, int OC) {
-  const bool fp32 = OC <= kFp32MaxOutputs;
-  // dW (OC,IC) += dout^T (OC,N) @ inp (N,IC):  dW^T (IC,OC) = inp^T (IC,N) * dout (N,OC)
+  // dW (OC,IC) += dout^T (OC,N) @ inp (N,IC):  dW^T (IC,OC) = inp^T (IC,N) * dout (N,OC),
+  // accumulated in fp32 across micro-batches.
   GemmCall g;
-  g.fp32 = fp32;
   g.trans_b = true;
   g.m = IC;
   g.n = OC;
   g.k = N;
-  g.a = fp32 ? static_cast<const void*>(inp) : to_bf16(kBf16Inp, inp, static_cast<size_t>(N) * IC);
+  g.a = inp;
   g.lda = IC;
-  g.b = dout_operand;
+  g.b = dout;
   g.ldb = OC;
   g.c = dweight;
   g.ldc = IC;

@@ -3,28 +3,30 @@
 //             out = gelu(pre), instead of a bias epilogue, then a GELU kernel re-reading pre;
 //   backward  DGELU: c_proj's input-gradient GEMM stores dpre = (dout @ W) * gelu'(pre)
 //             straight away, instead of writing dout @ W, then a GELU-backward kernel reading
-//             it and pre and accumulating into a zeroed dpre; c_proj's weight gradients share
-//             dout's bf16 copy with it.
+//             it and pre; c_proj's weight gradients read the same dout.
+// pre, out and dpre are bf16 activations, and so is the epilogue's aux matrix (it has the
+// output's type).
 // cuBLASLt's GELU is the tanh form, as DESIGN.md's. Where cuBLASLt has no kernel for the
 // fused epilogue (or its rules exclude the call: the aux leading dimension must be a multiple
-// of 8, a bias 16-byte aligned, the operands bf16), the op runs unfused: the product, then the
-// GELU kernel of core/cuda/gelu_math.cuh. MOE_FUSED_GELU=0 forces that path (a comparison
-// switch for benchmarks).
+// of 8, the bias 16-byte aligned), the op runs unfused: the product, then the GELU kernel of
+// core/cuda/gelu_math.cuh. MOE_FUSED_GELU=0 forces that path (a comparison switch for
+// benchmarks).
 #include "core/cuda/cuda_backend.h"
 #include "core/cuda/gelu_math.cuh"
 
 namespace moe {
 namespace {
 
-__global__ void scale_by_gelu_derivative_kernel(float* dpre, const float* pre, size_t n) {
+// dpre (n) = round(gelu'(pre (n)) * dpre (n)), computed in fp32.
+__global__ void scale_by_gelu_derivative_kernel(act_t* dpre, const act_t* pre, size_t n) {
   for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x)
-    dpre[i] = cuda::gelu_derivative(pre[i]) * dpre[i];
+    act_store(dpre, i, cuda::gelu_derivative(act_load(pre, i)) * act_load(dpre, i));
 }
 
 }  // namespace
 
-void launch_scale_by_gelu_derivative(float* dpre, const float* pre, size_t n) {
+void launch_scale_by_gelu_derivative(act_t* dpre, const act_t* pre, size_t n) {
   if (n == 0) return;
   scale_by_gelu_derivative_kernel<<<grid_for(n), kThreads>>>(dpre, pre, n);
   CUDA_CHECK_LAUNCH();
@@ -36,20 +38,19 @@ void CudaBackend::linear_gelu_forward(Act* pre_act,         // (N,OC)
                                       const float* weight,  // (OC,IC)
                                       const float* bias,    // (OC) or nullptr
                                       int N, int IC, int OC) {
-  float *pre = act_f32(pre_act), *out = act_f32(out_act);
-  const float* inp = act_f32(inp_act);
+  act_t *pre = act_ptr(pre_act), *out = act_ptr(out_act);
+  const act_t* inp = act_ptr(inp_act);
   if (N == 0 || OC == 0) return;
   GemmCall g = linear_forward_call(pre, inp, weight, bias, N, IC, OC);  // the unfused product
-  const bool bias_fits = bias == nullptr || reinterpret_cast<uintptr_t>(bias) % 16 == 0;
-  if (fused_gelu_ && !g.fp32 && OC % 8 == 0 && bias_fits) {
+  if (fused_gelu_ && OC % 8 == 0) {
     GemmCall with_gelu = g;
     with_gelu.c = out;
     with_gelu.epilogue = GemmEpilogue::kGeluAux;
     with_gelu.aux = pre;
     with_gelu.ldaux = OC;
-    if (try_gemm(with_gelu)) return;
+    if (try_gemm(with_gelu)) return;  // false also for a bias less than 16-byte aligned
   }
-  gemm(g);  // inp's bf16 copy made above serves this product too
+  gemm(g);
   gelu_forward(out_act, pre_act, static_cast<size_t>(N) * OC);
 }
 
@@ -61,22 +62,21 @@ void CudaBackend::gelu_linear_backward(Act* dpre_act,        // (N,IC) written
                                        const float* weight,  // (OC,IC)
                                        const Act* pre_act,   // (N,IC)
                                        int N, int IC, int OC) {
-  float* dpre = act_f32(dpre_act);
-  const float *dout = act_f32(dout_act), *act = act_f32(gelu_act), *pre = act_f32(pre_act);
+  act_t* dpre = act_ptr(dpre_act);
+  const act_t *dout = act_ptr(dout_act), *act = act_ptr(gelu_act), *pre = act_ptr(pre_act);
   if (N == 0 || IC == 0) return;
   const size_t n = static_cast<size_t>(N) * IC;
   if (OC == 0) {  // no outputs: nothing flows back
-    fill_zero(dpre, sizeof(float) * n);
+    fill_zero(dpre, sizeof(act_t) * n);
     return;
   }
-  const void* dout_op = linear_dout_operand(dout, N, OC);  // (N,OC), converted once for both
-  GemmCall g = linear_dinp_call(dpre, dout_op, weight, N, IC, OC);
+  GemmCall g = linear_dinp_call(dpre, dout, weight, N, IC, OC);
   g.beta = 0.0f;  // written, not accumulated
   bool fused = false;
-  if (fused_gelu_ && !g.fp32 && IC % 8 == 0) {
+  if (fused_gelu_ && IC % 8 == 0) {
     GemmCall with_dgelu = g;
     with_dgelu.epilogue = GemmEpilogue::kDGelu;
-    with_dgelu.aux = const_cast<float*>(pre);  // read only: DGELU's input
+    with_dgelu.aux = const_cast<act_t*>(pre);  // read only: DGELU's input
     with_dgelu.ldaux = IC;
     fused = try_gemm(with_dgelu);
   }
@@ -84,7 +84,7 @@ void CudaBackend::gelu_linear_backward(Act* dpre_act,        // (N,IC) written
     gemm(g);
     launch_scale_by_gelu_derivative(dpre, pre, n);
   }
-  linear_weight_gradients(dweight, dbias, dout, dout_op, act, N, IC, OC);
+  linear_weight_gradients(dweight, dbias, dout, act, N, IC, OC);
 }
 
 }  // namespace moe

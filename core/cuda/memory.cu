@@ -3,7 +3,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
+#include "core/cuda/act.cuh"
 #include "core/cuda/cuda_backend.h"
 
 namespace moe {
@@ -188,19 +190,24 @@ void CudaBackend::fill_zero(void* ptr, size_t bytes) {
 
 void CudaBackend::synchronize() { CUDA_CHECK(cudaDeviceSynchronize()); }
 
-// Activations are fp32 here, so moving them to and from host floats is a plain copy.
-ActType CudaBackend::activation_type() const { return ActType::kF32; }
+// Activations are bf16 here (act.cuh): host floats are rounded to nearest even on the host
+// (NaN stays NaN) and widened back exactly, so the bytes that cross PCIe are the 2-byte ones.
+ActType CudaBackend::activation_type() const { return ActType::kBF16; }
 
 void CudaBackend::copy_act_to_host(float* dst_host,  // (n)
                                    const Act* src,   // (n)
                                    size_t n) {
-  copy_to_host(dst_host, src, n * sizeof(float));
+  std::vector<act_t> staged(n);  // (n)
+  copy_to_host(staged.data(), src, n * sizeof(act_t));
+  for (size_t i = 0; i < n; ++i) dst_host[i] = __bfloat162float(staged[i]);
 }
 
 void CudaBackend::copy_act_from_host(Act* dst,               // (n)
                                      const float* src_host,  // (n)
                                      size_t n) {
-  copy_from_host(dst, src_host, n * sizeof(float));
+  std::vector<act_t> staged(n);  // (n)
+  for (size_t i = 0; i < n; ++i) staged[i] = __float2bfloat16_rn(src_host[i]);
+  copy_from_host(dst, staged.data(), n * sizeof(act_t));  // note_write(dst) too
 }
 
 }  // namespace moe
