@@ -711,21 +711,23 @@ TEST_P(Collectives, Fp32ActivationsMatchTheFloatCollectives) {
 
 // bf16 activations are device memory: MPI refuses them (before any data moves, on every rank
 // alike, so nobody waits in MPI), naming the operation, the rank and the way out.
-TEST_P(Collectives, Bf16ActivationsOnMpiAreARuntimeErrorNamingTheRank) {
-  if (GetParam() == GroupKind::kSelf) GTEST_SKIP() << "a group of one copies any type";
-  std::vector<uint16_t> send(8, 0x3f80), recv(8 * static_cast<size_t>(size_), 0);
+// (The self communicator copies any type: SelfCommunicator.ActivationsOfEitherTypeAreCopied.)
+TEST(MpiCommunicator, Bf16ActivationsAreARuntimeErrorNamingTheRank) {
+  auto world = make_mpi_world_communicator();
+  const int size = world->size();
+  std::vector<uint16_t> send(8, 0x3f80), recv(8 * static_cast<size_t>(size), 0);
   Act* recv_act = reinterpret_cast<Act*>(recv.data());
   const Act* send_act = reinterpret_cast<const Act*>(send.data());
   const std::string rank = "rank " + std::to_string(world_rank());
   expect_one_line_naming(
-      error_message<RuntimeError>([&] { comm_->allreduce_sum(recv_act, 8, ActType::kBF16); }),
+      error_message<RuntimeError>([&] { world->allreduce_sum(recv_act, 8, ActType::kBF16); }),
       {rank, "all-reduce", "bf16", "NCCL"});
   expect_one_line_naming(
-      error_message<RuntimeError>([&] { comm_->allgather(recv_act, send_act, 8, ActType::kBF16); }),
+      error_message<RuntimeError>([&] { world->allgather(recv_act, send_act, 8, ActType::kBF16); }),
       {rank, "all-gather", "bf16", "NCCL"});
-  const std::vector<int64_t> counts(size_, 1), displs(size_, 0);
+  const std::vector<int64_t> counts(size, 1), displs(size, 0);
   expect_one_line_naming(error_message<RuntimeError>([&] {
-                           comm_->alltoallv_placed(recv_act, counts, displs, send_act, counts,
+                           world->alltoallv_placed(recv_act, counts, displs, send_act, counts,
                                                    displs, ActType::kBF16);
                          }),
                          {rank, "all-to-all", "bf16", "NCCL"});

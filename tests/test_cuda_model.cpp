@@ -8,9 +8,10 @@
 //     to ~1% over tens of steps; a router choice or a capacity drop may flip): every
 //     iteration's lm_loss within 2% of the CPU's;
 //   and both runs must learn (the last loss below the first).
-// For scale: the loss falls by about a third here (5.5 to 3.5 on tinyshakespeare), and the CPU
-// backend with every activation and GEMM weight rounded to bf16 drifted from the fp32 run by
-// at most 4e-4 relative over these 20 iterations (3.5e-5 at iteration 1).
+// For scale: the loss falls by about a third here (5.5 to 3.5 on tinyshakespeare), and an
+// emulation on the CPU (the CPU backend with every activation and GEMM weight rounded to bf16,
+// made while writing this test) drifted from the fp32 run by at most 4e-4 relative over these
+// 20 iterations (3.5e-5 at iteration 1).
 //
 // Without a GPU (or in a build without CUDA) the test is skipped, naming the reason.
 #include <gtest/gtest.h>
