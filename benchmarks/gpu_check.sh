@@ -130,7 +130,8 @@ run_test() {  # name, command...: must pass and must not skip
 run_test test_cuda_ops "$build/tests/test_cuda_ops"
 run_test test_cuda_model "$build/tests/test_cuda_model"
 # One GPU: the NCCL suite runs at one rank (its split and watchdog tests need two and skip).
-OMP_NUM_THREADS=1 run_test mpi_test_nccl "$build/tests/mpi_test_nccl" --gtest_filter='NcclVsMpi.CollectivesMatch'
+OMP_NUM_THREADS=1 run_test mpi_test_nccl "$build/tests/mpi_test_nccl" \
+  --gtest_filter='NcclVsMpi.CollectivesMatch:NcclVsMpi.Bf16ActivationsMatchAHostReference:NcclVsMpi.Bf16ActivationsInAGroupOfOneAreCopies'
 
 # ---- 4. bench_step on the Switch-Base-like shape --------------------------------------------
 shape=(--num-layers 12 --hidden-size 768 --num-attention-heads 12 --ffn-hidden-size 3072
