@@ -177,8 +177,8 @@ class MpiCommunicator final : public Communicator {
   void require_f32(ActType type, const char* operation) const {
     if (type != ActType::kF32)
       throw RuntimeError("rank " + std::to_string(world_rank_) + ": MPI " + operation + " of " +
-                         act_type_name(type) + " activations: they live in device memory and "
-                         "need the NCCL communicator (--device cuda)");
+                         act_type_name(type) + " activations: MPI carries the CPU backend's "
+                         "fp32 ones; bf16 activations are GPU memory, moved by NCCL");
   }
 
   void check(int code, const char* operation) const {

@@ -15,12 +15,6 @@
 #include "model/weights_io.h"
 
 namespace moe {
-namespace {
-
-// A group of one process never waits on a peer; the watchdog needs a bound all the same.
-constexpr double kOneProcessTimeoutSeconds = 60.0;
-
-}  // namespace
 
 EvalSession open_evaluation(const EvalOptions& options) {
   if (options.threads > 0) omp_set_num_threads(options.threads);
@@ -53,8 +47,8 @@ EvalSession open_evaluation(const EvalOptions& options) {
   // process (cudaMemcpy, no NCCL), not the host copy of make_self_communicator.
   session.self = options.device == "cuda"
                      ? std::move(make_device_process_groups(make_single_process_groups(),
-                                                            kOneProcessTimeoutSeconds)
-                                     .ep)
+                                                            /*timeout_seconds=*/60.0)
+                                     .ep)  // (a group of one never waits: no watchdog runs)
                      : make_self_communicator();
   session.layout = std::make_unique<ParamLayout>(config);
   Communicator& self = *session.self;

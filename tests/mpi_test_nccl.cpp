@@ -198,7 +198,12 @@ TEST_F(NcclVsMpi, Bf16ActivationsMatchAHostReference) {
       n > 1 ? make_mpi_world_communicator() : make_self_communicator(), nullptr, 60.0);
   const size_t count = 1000;
 
-  uint16_t* dsum = up(bf16_values(count, r, 11));
+  // A guard of 16 elements after each output: a count taken in the wrong unit writes past it.
+  const size_t guard = 16;
+  const uint16_t sentinel = to_bf16(-7.0f);
+  std::vector<uint16_t> summed = bf16_values(count, r, 11);
+  summed.resize(count + guard, sentinel);
+  uint16_t* dsum = up(summed);
   nccl->allreduce_sum(as_act(dsum), count, ActType::kBF16);
   std::vector<double> sum(count, 0.0);
   for (int p = 0; p < n; ++p) {
@@ -207,10 +212,13 @@ TEST_F(NcclVsMpi, Bf16ActivationsMatchAHostReference) {
   }
   const std::vector<float> want_sum(sum.begin(), sum.end());
   // |values| < 1: n - 1 additions and the result each round by at most 2^-8 of |sum| <= n.
-  expect_close("bf16 all-reduce", from_bf16(down(dsum, count)), want_sum,
+  std::vector<float> want_sum_guarded(want_sum);
+  want_sum_guarded.resize(count + guard, -7.0f);
+  // (At one rank the sum is the identity: only the guard checks anything there.)
+  expect_close("bf16 all-reduce", from_bf16(down(dsum, count + guard)), want_sum_guarded,
                n * n * std::ldexp(1.0, -8));
 
-  std::vector<uint16_t> gathered(count * n, 0);
+  std::vector<uint16_t> gathered(count * n + guard, sentinel);
   uint16_t* dgathered = up(gathered);
   nccl->allgather(as_act(dgathered), as_act(up(bf16_values(count, r, 12))), count,
                   ActType::kBF16);
@@ -219,13 +227,16 @@ TEST_F(NcclVsMpi, Bf16ActivationsMatchAHostReference) {
     const std::vector<float> part = from_bf16(bf16_values(count, p, 12));
     want_gathered.insert(want_gathered.end(), part.begin(), part.end());
   }
+  want_gathered.resize(count * n + guard, -7.0f);
   expect_close("bf16 all-gather", from_bf16(down(dgathered, gathered.size())), want_gathered, 0);
 
   // Uneven blocks, some empty (rank s sends (s + 2p + 1) % 3 * 7 elements to p), in reverse
-  // peer order with a gap of 3 after each block on both sides: displacements and gaps count.
+  // peer order with a gap of 3 after each block on both sides, and the first block at element
+  // 5 of send and 3 of recv: displacements (in elements, not bytes) and gaps count, also at
+  // one rank.
   auto block = [](int src, int dst) { return static_cast<int64_t>((src + 2 * dst + 1) % 3 * 7); };
   std::vector<int64_t> send_counts(n), recv_counts(n), send_displs(n), recv_displs(n);
-  int64_t send_end = 0, recv_end = 0;
+  int64_t send_end = 5, recv_end = 3;
   for (int p = n - 1; p >= 0; --p) {
     send_counts[p] = block(r, p);
     recv_counts[p] = block(p, r);
@@ -235,7 +246,7 @@ TEST_F(NcclVsMpi, Bf16ActivationsMatchAHostReference) {
     recv_end += recv_counts[p] + 3;
   }
   // Element k of the block from s to p: value k of (s, salt 13 + p); the rest is -7.
-  const uint16_t gap = to_bf16(-7.0f);
+  const uint16_t gap = sentinel;
   std::vector<uint16_t> send(send_end, gap);
   for (int p = 0; p < n; ++p) {
     const std::vector<uint16_t> values = bf16_values(send_counts[p], r, 13 + p);

@@ -19,12 +19,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "core/backend.h"
+#include "launcher/evaluation.h"
 #include "launcher/options.h"
 #include "launcher/trainer.h"
 
@@ -45,21 +47,28 @@ std::string training_text() {
   return (fs::path(MOE_SOURCE_DIR) / "README.md").string();
 }
 
-std::vector<double> train_losses(const std::string& device) {
-  // Hidden 192 and 256 logits take the bf16 GEMM path; the 4-expert router stays fp32.
+// The small Switch Transformer both tests train: hidden 192 and 256 logits take the bf16 GEMM
+// path; the 4-expert router stays fp32.
+TrainOptions train_options(const std::string& device, int iterations,
+                           const std::vector<std::string>& extra = {}) {
   std::vector<std::string> args = {
       "test_cuda_model", "--device", device, "--num-layers", "2", "--hidden-size", "192",
       "--num-attention-heads", "4", "--ffn-hidden-size", "384", "--num-experts", "4",
       "--moe-layer-freq", "2", "--moe-expert-capacity-factor", "1.25", "--seq-length", "64",
       "--max-position-embeddings", "64", "--micro-batch-size", "8", "--global-batch-size", "8",
-      "--train-iters", std::to_string(kIterations), "--lr", "1e-3", "--lr-warmup-iters", "2",
+      "--train-iters", std::to_string(iterations), "--lr", "1e-3", "--lr-warmup-iters", "2",
       "--data-path", training_text(), "--data-order", "sequential", "--valid-fraction", "0",
       "--threads", "2", "--seed", "7", "--log-interval", "100"};
+  args.insert(args.end(), extra.begin(), extra.end());
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());
   std::optional<TrainOptions> options = parse_train_options(static_cast<int>(argv.size()), argv.data());
   EXPECT_TRUE(options.has_value());
-  Trainer trainer(*options, /*world_size=*/1, /*world_rank=*/0);
+  return *options;
+}
+
+std::vector<double> train_losses(const std::string& device) {
+  Trainer trainer(train_options(device, kIterations), /*world_size=*/1, /*world_rank=*/0);
   std::vector<double> losses;
   for (int k = 1; k <= kIterations; ++k) losses.push_back(trainer.train_iteration(k).lm_loss);
   return losses;
@@ -89,6 +98,45 @@ TEST(CudaModel, TwentyIterationsMatchCpuLosses) {
   EXPECT_LE(worst, kRelativeTolerance);
   EXPECT_LT(gpu.back(), gpu.front()) << "the GPU run did not learn";
   EXPECT_LT(cpu.back(), cpu.front()) << "the CPU run did not learn";
+}
+
+// moe-eval's session (launcher/evaluation.cpp) on the GPU against the CPU: the model a short
+// CPU run exported, the same windows. On the GPU its Switch layers exchange rows through the
+// device group of one process (a host copy there would be handed device memory). One forward
+// per batch from the same weights: within the first iteration's tolerance.
+double evaluation_loss(const std::string& model, const std::string& device) {
+  EvalOptions options;
+  options.model_path = model;
+  options.data_path = training_text();
+  options.seq_length = 64;
+  options.micro_batch_size = 8;
+  options.eval_capacity_factor = 1.25;  // drops tokens: the capacity path runs too
+  options.device = device;
+  EvalSession session = open_evaluation(options);
+  std::vector<int32_t> inputs(8 * 64), targets(inputs.size());  // (B, T)
+  double sum = 0;
+  const int batches = 4;
+  for (int batch = 0; batch < batches; ++batch) {
+    const int rows = session.data->fill_valid_batch(inputs.data(), targets.data(), batch, 8);
+    sum += session.model->forward(inputs.data(), targets.data(), rows, 64, session.routing).lm_loss;
+  }
+  return sum / batches;
+}
+
+TEST(CudaModel, EvaluationMatchesCpu) {
+  const std::string reason = cuda_unavailable_reason();
+  if (!reason.empty()) GTEST_SKIP() << reason;
+  std::string dir = ::testing::TempDir() + "moe_test_cuda_eval_XXXXXX";
+  ASSERT_NE(mkdtemp(dir.data()), nullptr);
+  const std::string model = dir + "/model.safetensors";
+  Trainer trainer(train_options("cpu", 3, {"--export-safetensors", model}), 1, 0);
+  ASSERT_EQ(trainer.run(), 0);
+  const double cpu = evaluation_loss(model, "cpu"), gpu = evaluation_loss(model, "cuda");
+  const double rel = std::fabs(gpu - cpu) / cpu;
+  std::printf("evaluation loss cpu %.5f  gpu %.5f  relative difference %.2e (tolerance %.3g)\n",
+              cpu, gpu, rel, kFirstIterationTolerance);
+  EXPECT_LE(rel, kFirstIterationTolerance);
+  fs::remove_all(dir);
 }
 
 }  // namespace
