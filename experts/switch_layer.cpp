@@ -110,6 +110,29 @@ void SwitchLayer::route(const Act* x, const SwitchWeights& w, const RoutingOptio
                            options.drop_policy);
 }
 
+// Statistics for the auxiliary losses, summed over every rank of the micro-step, packed in one
+// buffer so that it is one all-reduce: [prob_sums(E), choices(E), kept(E), S, sum lse^2].
+// Called right after routing, while the host waits for the capacity result anyway: the copies
+// to the host then wait on the router's small kernels only, not on the experts' work, which a
+// GPU runs while the host goes on to the next layer.
+void SwitchLayer::sum_statistics() {
+  const int T = num_routed_, E = shape_.num_experts;
+  std::vector<double> packed(3 * E + 2);
+  backend_.column_sums(packed.data(), probs_TE_.data(), T, E);
+  for (int e = 0; e < E; ++e) {
+    packed[E + e] = choices_E_[e];
+    packed[2 * E + e] = counts_E_[e];
+  }
+  packed[3 * E] = T;
+  packed[3 * E + 1] = backend_.sum_squares(lse_T_.data(), T);
+  groups_.stats.allreduce_sum(packed.data(), packed.size());
+  stats_.prob_sums.assign(packed.begin(), packed.begin() + E);
+  stats_.choices.assign(packed.begin() + E, packed.begin() + 2 * E);
+  stats_.kept.assign(packed.begin() + 2 * E, packed.begin() + 3 * E);
+  stats_.tokens = packed[3 * E];
+  stats_.lse_squared_sum = packed[3 * E + 1];
+}
+
 // Lays the kept choices out in expert order: expert e owns rows [offsets[e], offsets[e+1]).
 void SwitchLayer::permute(const RoutingOptions&) {
   const int T = num_routed_, E = shape_.num_experts, K = shape_.top_k;
@@ -140,13 +163,13 @@ void SwitchLayer::forward(Act* out, const Act* x_ND, const SwitchWeights& w, int
   MOE_CHECK(num_tokens % tp == 0, "tensor-parallel size must divide the micro-batch's tokens");
   num_tokens_ = num_tokens;
   num_routed_ = num_tokens / tp;
-  const int T = num_routed_, D = shape_.hidden, F = shape_.ffn, E = shape_.num_experts,
-            K = shape_.top_k;
+  const int T = num_routed_, D = shape_.hidden, F = shape_.ffn, K = shape_.top_k;
   const ActType type = backend_.activation_type();
   const Act* x = act_at(x_ND, static_cast<size_t>(groups_.tp.rank()) * T * D, type);  // (T, D) mine
   {
     ScopedPhase phase(*times_, Phase::kRouter);
     route(x, w, options);
+    sum_statistics();
   }
   {
     ScopedPhase phase(*times_, Phase::kPermute);
@@ -179,23 +202,6 @@ void SwitchLayer::forward(Act* out, const Act* x_ND, const SwitchWeights& w, int
     backend_.combine_forward(out_TD, y_RD_.data(), gates_TK_.data(), row_TK_.data(), T, K, D);
     if (tp > 1) groups_.tp.allgather(out, out_TD, static_cast<size_t>(T) * D, type);
   }
-
-  // Statistics for the auxiliary losses, summed over every rank of the micro-step, packed in
-  // one buffer so that it is one all-reduce: [prob_sums(E), choices(E), kept(E), S, sum lse^2].
-  std::vector<double> packed(3 * E + 2);
-  backend_.column_sums(packed.data(), probs_TE_.data(), T, E);
-  for (int e = 0; e < E; ++e) {
-    packed[E + e] = choices_E_[e];
-    packed[2 * E + e] = counts_E_[e];
-  }
-  packed[3 * E] = T;
-  packed[3 * E + 1] = backend_.sum_squares(lse_T_.data(), T);
-  groups_.stats.allreduce_sum(packed.data(), packed.size());
-  stats_.prob_sums.assign(packed.begin(), packed.begin() + E);
-  stats_.choices.assign(packed.begin() + E, packed.begin() + 2 * E);
-  stats_.kept.assign(packed.begin() + 2 * E, packed.begin() + 3 * E);
-  stats_.tokens = packed[3 * E];
-  stats_.lse_squared_sum = packed[3 * E + 1];
 }
 
 void SwitchLayer::backward(Act* dx_ND, const SwitchGrads& g, const Act* dout_ND,

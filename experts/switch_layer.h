@@ -111,6 +111,7 @@ class SwitchLayer {
  private:
   void route(const Act* x, const SwitchWeights& w, const RoutingOptions& options);
   void permute(const RoutingOptions& options);
+  void sum_statistics();
 
   Backend& backend_;
   SwitchShape shape_;
