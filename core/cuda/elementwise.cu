@@ -15,6 +15,8 @@ using cuda::kActVec;
   for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n);       \
        i += static_cast<size_t>(gridDim.x) * blockDim.x)
 
+// out may alias a or b (accumulate is add with out = a): each element is read before it is
+// written, by the same thread.
 __global__ void add_kernel(act_t* out,      // (n)
                            const act_t* a,  // (n)
                            const act_t* b,  // (n)
@@ -29,22 +31,6 @@ __global__ void add_kernel(act_t* out,      // (n)
   GRID_STRIDE(j, n - num_vec * kActVec) {
     const size_t i = num_vec * kActVec + j;
     act_store(out, i, act_load(a, i) + act_load(b, i));
-  }
-}
-
-__global__ void accumulate_kernel(act_t* dst,        // (n) +=
-                                  const act_t* src,  // (n)
-                                  size_t n, size_t num_vec) {
-  GRID_STRIDE(v, num_vec) {
-    float x[kActVec], y[kActVec];
-    cuda::act_load_vec(x, dst, v);
-    cuda::act_load_vec(y, src, v);
-    for (int k = 0; k < kActVec; ++k) x[k] += y[k];
-    cuda::act_store_vec(dst, v, x);
-  }
-  GRID_STRIDE(j, n - num_vec * kActVec) {
-    const size_t i = num_vec * kActVec + j;
-    act_accumulate(dst, i, act_load(src, i));
   }
 }
 
@@ -102,13 +88,7 @@ void CudaBackend::add(Act* out_act,      // (n)
 void CudaBackend::accumulate(Act* dst_act,        // (n) +=
                              const Act* src_act,  // (n)
                              size_t n) {
-  act_t* dst = act_ptr(dst_act);
-  const act_t* src = act_ptr(src_act);
-  if (n == 0) return;
-  note_write(dst);
-  const size_t num_vec = cuda::vec_count(n, {dst, src});
-  accumulate_kernel<<<grid_for(num_vec > 0 ? num_vec : n), kThreads>>>(dst, src, n, num_vec);
-  CUDA_CHECK_LAUNCH();
+  add(dst_act, dst_act, src_act, n);
 }
 
 void CudaBackend::scale(float* x, float s, size_t n) {

@@ -54,13 +54,6 @@ __global__ void expert_output_kernel(act_t* out,           // (rows,OC) the prod
   }
 }
 
-// dst (n) += src (n), in fp32, rounded once.
-__global__ void accumulate_kernel(act_t* dst, const act_t* src, size_t n) {
-  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
-  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
-    act_accumulate(dst, i, act_load(src, i));
-}
-
 void check_offsets(const int* offsets_host, int E, const char* op) {
   for (int e = 0; e < E; ++e)
     MOE_CHECK(offsets_host[e + 1] >= offsets_host[e],
@@ -226,10 +219,8 @@ void CudaBackend::grouped_linear_backward(Act* dinp_act,             // (rows,IC
         grouped_expert_products(/*transpose_weight=*/false, w_bf16,
                                 dout + static_cast<size_t>(first) * OC, product, offsets_host, E,
                                 IC, OC)) {
-      note_write(dinp);
-      accumulate_kernel<<<grid_for(total), kThreads>>>(dinp + static_cast<size_t>(first) * IC,
-                                                       product, total);
-      CUDA_CHECK_LAUNCH();
+      accumulate(reinterpret_cast<Act*>(dinp + static_cast<size_t>(first) * IC),
+                 reinterpret_cast<const Act*>(product), total);
     } else {
       dinp_per_expert(*this, dinp, dout, w_bf16, offsets_host, E, IC, OC, /*beta=*/1.0f);
     }
